@@ -1,0 +1,108 @@
+"""The canonical adapter: per-module metadata, with the factors read lazily from the weights file."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Protocol
+
+import torch
+from safetensors import safe_open
+
+from .errors import AdapterFormatError
+from .spaces import TaskFactors
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Where one module's LoRA factors are, and how to fold them into canonical form."""
+
+    name: str  # module path in the base model, e.g. model.layers.0.self_attn.q_proj
+    kind: str  # "linear", "embedding" or "conv"
+    rank: int
+    scaling: float  # s = alpha / r, or alpha / sqrt(r) with rsLoRA
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, ...]  # as stored (conv kernels keep their 4-D shape)
+    b_shape: tuple[int, ...]
+    mixer_key: Optional[str] = None  # MoSLoRA's r x r lora_AB
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n) of the flattened update dW = B~ @ A~."""
+        return self.b_shape[0], _prod(self.a_shape[1:])
+
+
+def _prod(dims: tuple[int, ...]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+class TensorReader(Protocol):
+    def get_tensor(self, key: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter's metadata; the tensors stay in the file until a module is read."""
+
+    source: str
+    weights_path: Path
+    format: str  # "peft" or "peft-moslora"
+    base_model: Optional[str]
+    modules: dict[str, ModuleSpec]
+    dtype: torch.dtype
+    nbytes: int
+    config: dict = field(default_factory=dict)
+    revision: Optional[str] = None
+    origin: str = "local"
+    ignored_keys: tuple[str, ...] = ()
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: spec.rank for name, spec in self.modules.items()}
+
+    @contextmanager
+    def open(self) -> Iterator[TensorReader]:
+        """Open the weights file for reading; closing it releases its memory map."""
+        if self.weights_path.suffix == ".safetensors":
+            with safe_open(self.weights_path, framework="pt") as handle:
+                yield handle
+        else:
+            yield _DictReader(load_pickled_state_dict(self.source, self.weights_path))
+
+    def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0) -> TaskFactors:
+        """Canonical factors of one module: `A~ = A` (r x n), `B~ = s * B @ W` (m x r)."""
+        spec = self.modules[name]
+        a = self._finite(reader, spec.a_key).reshape(spec.rank, -1).to(torch.float64)
+        b = self._finite(reader, spec.b_key).reshape(spec.b_shape[0], spec.rank).to(torch.float64)
+        if spec.mixer_key is not None:
+            b = b @ self._finite(reader, spec.mixer_key).to(torch.float64)  # MoSLoRA: B @ W
+        return TaskFactors(a=a, b=spec.scaling * b, weight=weight)
+
+    def _finite(self, reader: TensorReader, key: str) -> torch.Tensor:
+        tensor = reader.get_tensor(key)
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
+        return tensor
+
+
+class _DictReader:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def load_pickled_state_dict(source: str, path: Path) -> dict[str, torch.Tensor]:
+    """A pickled .bin state dict, read only with `torch.load(weights_only=True)`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is the same user problem
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AdapterFormatError(
+            f"{source}: {path.name} cannot be loaded safely with torch.load(weights_only=True) "
+            f"({first_line}); convert it to .safetensors"
+        ) from error

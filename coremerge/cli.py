@@ -1,0 +1,118 @@
+"""`python -m coremerge merge ...`: the command-line contract of PRODUCT.md."""
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from .errors import CoreMergeError
+from .methods import METHODS
+from .options import DTYPES, SPACES, MergeOptions
+from .pipeline import merge_to_folder
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments give one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message}")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"coremerge: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def methods_help() -> str:
+    lines = ["methods (--method):"]
+    for method in METHODS.values():
+        lines.append(f"  {method.name:<10} {method.display_name}: {method.summary}")
+        for p in method.parameters:
+            lines.append(f"{'':13}{p.flag} (default {p.default:g}): {p.help}")
+        lines.append(f"{'':13}{method.paper_url}")
+    return "\n".join(lines)
+
+
+def method_parameter_flags() -> dict[str, object]:
+    """Each registry parameter once, with its type and the methods that take it."""
+    flags: dict[str, object] = {}
+    for method in METHODS.values():
+        for p in method.parameters:
+            flags.setdefault(p.name, p)
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="coremerge", description="Merge LoRA adapters of one base model in Core Space.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    merge = commands.add_parser(
+        "merge",
+        help="merge adapters into one peft LoRA adapter",
+        description="Merge LoRA adapters (Hub IDs org/name[@rev][/subfolder], folders or .safetensors files) "
+                    "into one peft LoRA adapter folder with a merge_report.json.",
+        epilog=methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
+    merge.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write the adapter to")
+    merge.add_argument("--method", default="tsv", choices=list(METHODS), help="merge method (default tsv)")
+    merge.add_argument("--space", default="core", choices=SPACES, help="merge space (default core)")
+    merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per SOURCE (default 1)")
+    merge.add_argument("--alpha", type=float, default=1.0, help="global scale of the merged update (default 1)")
+    for name, p in method_parameter_flags().items():
+        takers = ", ".join(m.name for m in METHODS.values() if any(q.name == name for q in m.parameters))
+        defaults = " / ".join(dict.fromkeys(f"{q.default:g}" for m in METHODS.values() for q in m.parameters
+                                            if q.name == name))
+        merge.add_argument(p.flag, dest=name, type=p.kind, default=None,
+                           help=textwrap.shorten(f"{takers}: {p.help} (default {defaults})", 200))
+    merge.add_argument("--isotropize", action="store_true", help="isotropic flattening of the merged result")
+    merge.add_argument("--rank", type=int, metavar="K", help="truncate the written adapter to rank K per module")
+    merge.add_argument("--dtype", choices=DTYPES, help="dtype of the written adapter (default: the inputs')")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> MergeOptions:
+    params = {name: getattr(args, name) for name in method_parameter_flags() if getattr(args, name) is not None}
+    return MergeOptions.create(
+        method=args.method, space=args.space, weights=args.weights, alpha=args.alpha,
+        isotropize=args.isotropize, rank=args.rank, dtype=args.dtype, **params,
+    )
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    bar: Optional[tqdm] = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="merging", unit="module", file=sys.stderr, disable=None, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        report = merge_to_folder(args.sources, options_from_args(args), args.output, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    ranks = [m["output_rank"] for m in report["modules"].values()]
+    seconds = report["seconds"]
+    print(
+        f"merged {len(report['sources'])} adapter(s) with {args.method} in {args.space} space into {args.output}: "
+        f"{len(ranks)} modules, output ranks {min(ranks)}-{max(ranks)}, {report['bytes']['out'] / 1e6:.1f} MB, "
+        f"{seconds['total']:.2f} s (loading {seconds['loading']:.2f}, merging {seconds['merging']:.2f}, "
+        f"writing {seconds['writing']:.2f})"
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            run_merge(args)
+    except CoreMergeError as error:
+        fail(str(error))
+    return 0

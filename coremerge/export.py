@@ -1,0 +1,105 @@
+"""Write a merged adapter as a peft LoRA folder, atomically (SPEC 2, step 6)."""
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from .adapter import Adapter
+from .errors import CoreMergeError
+from .merge import MergedModule
+from .peft_format import PEFT_PREFIX
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+REPORT_NAME = "merge_report.json"
+
+
+def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch.dtype:
+    """The requested dtype, else the inputs' common dtype (float32 when they differ)."""
+    if requested is not None:
+        return getattr(torch, requested)
+    dtypes = {adapter.dtype for adapter in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def peft_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's factors under peft's key names and stored shapes (conv kernels restored)."""
+    template, k = module.template, module.rank
+    a = module.lora_a.reshape(k, *template.a_shape[1:])
+    b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:])
+    if template.kind == "embedding":
+        names = ("lora_embedding_A", "lora_embedding_B")
+    else:
+        names = ("lora_A.weight", "lora_B.weight")
+    return {
+        f"{PEFT_PREFIX}{module.name}.{names[0]}": a.to(dtype).contiguous(),
+        f"{PEFT_PREFIX}{module.name}.{names[1]}": b.to(dtype).contiguous(),
+    }
+
+
+def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter) -> LoraConfig:
+    """A scaling-1 LoRA config: r = lora_alpha = the most common rank, patterns for the others."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    differing = {name: k for name, k in ranks.items() if k != common}
+    return LoraConfig(
+        r=common,
+        lora_alpha=common,
+        target_modules=sorted(ranks),
+        rank_pattern=differing,
+        alpha_pattern=dict(differing),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=bool(like.config.get("fan_in_fan_out", False)),
+        task_type=like.config.get("task_type"),
+        base_model_name_or_path=base_model,
+    )
+
+
+def check_output_folder(output: Path) -> None:
+    """Refuse to overwrite anything but an earlier coremerge output.
+
+    Raises:
+        CoreMergeError: the path is a file, or a non-empty folder without a merge report.
+    """
+    if output.is_file():
+        raise CoreMergeError(f"--output {output}: is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
+        raise CoreMergeError(
+            f"--output {output}: folder exists and is not empty (nor an earlier coremerge output); choose a new folder"
+        )
+
+
+@contextmanager
+def atomic_folder(output: Path) -> Iterator[Path]:
+    """A temporary folder beside `output` that replaces it only if the block succeeds."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            output.rename(retired / output.name)
+            staging.rename(output)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    """adapter_config.json and adapter_model.safetensors in `folder`."""
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

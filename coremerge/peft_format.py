@@ -1,0 +1,177 @@
+"""Read peft LoRA adapters (and MoSLoRA's `lora_AB` mixer) into the canonical `Adapter` form."""
+
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+
+from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
+from .errors import AdapterFormatError
+from .sources import CONFIG_NAME, ResolvedSource
+
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_AB|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
+# Keys of adapter types whose update is not a plain low-rank product, and what to call them.
+REFUSED_KEYS = {
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "dora_scale": "DoRA (dora_scale)",
+    "hada_w": "LoHa",
+    "lokr_w": "LoKr",
+    "ia3_l": "IA3",
+    "oft_": "OFT",
+    "vera_lambda": "VeRA",
+}
+KOHYA_KEYS = ("lora_down", "lora_up")
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
+    """Read an adapter's config and tensor index (not its tensors) and check it is a plain LoRA.
+
+    Raises:
+        AdapterFormatError: missing or malformed config or weights, or a non-LoRA adapter type.
+    """
+    source = resolved.source
+    shapes, dtype = _tensor_index(resolved)
+    _refuse_other_types(source, shapes)
+    config = _read_config(resolved)
+    grouped, ignored = _group_lora_keys(source, shapes)
+    if not grouped:
+        raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors (lora_A / lora_B)")
+    modules = {name: _module_spec(source, config, name, parts, shapes) for name, parts in sorted(grouped.items())}
+    if ignored:
+        print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]} "
+              "(modules_to_save and similar are not merged)", file=sys.stderr)
+    return Adapter(
+        source=source,
+        weights_path=resolved.weights_path,
+        format="peft-moslora" if any(s.mixer_key for s in modules.values()) else "peft",
+        base_model=config.get("base_model_name_or_path"),
+        modules=modules,
+        dtype=dtype,
+        nbytes=resolved.weights_path.stat().st_size,
+        config=config,
+        revision=resolved.revision,
+        origin=resolved.origin,
+        ignored_keys=tuple(ignored),
+    )
+
+
+def _tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:
+    """Every tensor's shape, and the LoRA tensors' dtype, without reading the data."""
+    path = resolved.weights_path
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as handle:
+                slices = {key: handle.get_slice(key) for key in handle.keys()}
+                shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+                dtypes = [s.get_dtype() for key, s in slices.items() if ".lora_" in key]
+        except Exception as error:  # noqa: BLE001 - a corrupt file is one user problem
+            raise AdapterFormatError(f"{resolved.source}: {path.name} is not a readable safetensors file ({error})")
+        dtype = SAFETENSORS_DTYPES.get(dtypes[0] if dtypes else "F32", torch.float32)
+    else:
+        tensors = load_pickled_state_dict(resolved.source, path)
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+        dtype = next((t.dtype for key, t in tensors.items() if ".lora_" in key), torch.float32)
+    return shapes, dtype
+
+
+def _refuse_other_types(source: str, shapes: dict) -> None:
+    for key in shapes:
+        for marker, kind in REFUSED_KEYS.items():
+            if marker in key:
+                raise AdapterFormatError(
+                    f"{source}: {kind} adapter (tensor {key}); its update is not a plain low-rank product, "
+                    "so coremerge refuses to merge it"
+                )
+        if any(marker in key for marker in KOHYA_KEYS):
+            raise AdapterFormatError(
+                f"{source}: kohya / A1111 LoRA file (tensor {key}); only peft LoRA adapters are supported so far"
+            )
+        if ".lora_B." in key and key.endswith(".bias"):
+            raise AdapterFormatError(f"{source}: lora_B has a bias (tensor {key}); only bias-free LoRA can be merged")
+
+
+def _read_config(resolved: ResolvedSource) -> dict:
+    source = resolved.source
+    if resolved.config_path is None:
+        raise AdapterFormatError(
+            f"{source}: no {CONFIG_NAME} next to {resolved.weights_path.name}; "
+            "a peft adapter needs its config for r and lora_alpha"
+        )
+    try:
+        config = json.loads(resolved.config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFormatError(f"{source}: {CONFIG_NAME} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed (expected a JSON object)")
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed (no peft_type)")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterFormatError(
+            f"{source}: peft_type {peft_type} is not LoRA; coremerge merges plain LoRA adapters only"
+        )
+    if config.get("use_dora"):
+        raise AdapterFormatError(
+            f"{source}: DoRA adapter (use_dora: true); its magnitude vector makes the update not a plain "
+            "low-rank product, so coremerge refuses to merge it"
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed ({key} must be a positive number)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed ({key} must be an object)")
+    return config
+
+
+def _group_lora_keys(source: str, shapes: dict) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """{module name: {part: key}} for the LoRA tensors, and the keys that are not LoRA tensors."""
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    adapter_names, ignored = set(), []
+    for key in shapes:
+        stripped = key.removeprefix(PEFT_PREFIX)
+        match = LORA_KEY.match(stripped.removesuffix(".weight"))
+        if match is None:
+            ignored.append(key)
+            continue
+        adapter_names.add(match["adapter"])
+        grouped[match["module"]][match["part"]] = key
+    if len(adapter_names) > 1:
+        names = ", ".join(sorted(str(n) for n in adapter_names))
+        raise AdapterFormatError(f"{source}: the file holds several adapters ({names}); save them one per folder")
+    return dict(grouped), ignored
+
+
+def _module_spec(source: str, config: dict, name: str, parts: dict[str, str], shapes: dict) -> ModuleSpec:
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    for part in (a_part, b_part):
+        if part not in parts:
+            raise AdapterFormatError(f"{source}: module {name} has no {part} tensor")
+    a_shape, b_shape = shapes[parts[a_part]], shapes[parts[b_part]]
+    rank = a_shape[0]
+    mixer_key: Optional[str] = parts.get("lora_AB")
+    if len(b_shape) < 2 or b_shape[1] != rank or (mixer_key and shapes[mixer_key] != (rank, rank)):
+        raise AdapterFormatError(
+            f"{source}: module {name} has inconsistent LoRA shapes (A {a_shape}, B {b_shape}); rank {rank} expected"
+        )
+    # r and alpha exactly as peft resolves them for this module
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    configured_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+    if configured_rank != rank:
+        raise AdapterFormatError(
+            f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {CONFIG_NAME}"
+        )
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")
+    return ModuleSpec(name, kind, rank, scaling, parts[a_part], parts[b_part], a_shape, b_shape, mixer_key)

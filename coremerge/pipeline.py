@@ -1,0 +1,86 @@
+"""Sources in, merged peft folder out: the whole `coremerge merge` command as one function."""
+
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from . import __version__
+from .checks import check_same_base_model, check_sources
+from .errors import CoreMergeError
+from .export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config, peft_tensors,
+                     write_peft_folder, write_report)
+from .merge import Timings, load_adapters, merge_adapters
+from .options import MergeOptions
+
+
+def merge_to_folder(
+    sources: Sequence[str],
+    options: MergeOptions,
+    output: Path,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Merge the sources' adapters and write a peft folder with its merge report.
+
+    Returns:
+        The merge report (also written as merge_report.json).
+    Raises:
+        CoreMergeError: any bad input; nothing is left in `output` then.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    check_sources(sources)
+    options.weights_for(len(sources))
+    check_output_folder(output)
+    timings = Timings()
+    clock = time.perf_counter()
+    adapters = load_adapters(sources)
+    base_model = check_same_base_model(adapters)
+    timings.loading += time.perf_counter() - clock
+    dtype = output_dtype(adapters, options.dtype)
+
+    tensors, module_reports, zero_modules = {}, {}, []
+    for module in merge_adapters(adapters, options, timings, progress):
+        module_reports[module.name] = {
+            "kind": module.template.kind,
+            "shape": list(module.template.shape),
+            "input_ranks": {adapters[i].source: r for i, r in module.input_ranks.items()},
+            "output_rank": module.rank,
+        }
+        if module.rank == 0:
+            zero_modules.append(module.name)
+            continue
+        clock = time.perf_counter()
+        tensors.update(peft_tensors(module, dtype))
+        timings.writing += time.perf_counter() - clock
+    ranks = {name: r["output_rank"] for name, r in module_reports.items() if r["output_rank"] > 0}
+    if not ranks:
+        raise CoreMergeError("the merged update is zero in every module (do the weights cancel?); nothing to write")
+
+    clock = time.perf_counter()
+    with atomic_folder(output) as staging:
+        report = {
+            "coremerge_version": __version__,
+            "base_model": base_model,
+            "sources": [
+                {"source": a.source, "origin": a.origin, "revision": a.revision, "format": a.format,
+                 "file": a.weights_path.name, "dtype": str(a.dtype).removeprefix("torch."), "bytes": a.nbytes,
+                 "modules": len(a.modules), "ignored_tensors": list(a.ignored_keys)}
+                for a in adapters
+            ],
+            **options.as_dict(),
+            "weights": list(options.weights_for(len(adapters))),
+            "output_dtype": str(dtype).removeprefix("torch."),
+            "modules": module_reports,
+            "zero_modules": zero_modules,
+        }
+        write_peft_folder(staging, tensors, peft_config(ranks, base_model, adapters[0]))
+        timings.writing += time.perf_counter() - clock
+        report["seconds"] = {
+            "loading": round(timings.loading, 4),
+            "merging": round(timings.merging, 4),
+            "writing": round(timings.writing, 4),
+            "total": round(time.perf_counter() - started, 4),
+        }
+        report["bytes"] = {"in": sum(a.nbytes for a in adapters), "out": (staging / WEIGHTS_NAME).stat().st_size}
+        write_report(staging, report)
+    return report

@@ -1,0 +1,135 @@
+"""The spaces a module's tasks are merged in: core (SPEC 2), full and knots (SPEC 3).
+
+Each space returns the merged update in factored form `dW = left @ core @ right`, with
+orthonormal `left` columns and `right` rows, so that the export needs only a small SVD.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .linalg import isotropic_flatten, left_singular_basis, numerical_rank, svd
+from .methods import get_method
+from .options import MergeOptions
+
+KNOTS_THRESHOLD = 1e-5  # singular values of the concatenation kept by KnOTS
+
+
+@dataclass(frozen=True)
+class TaskFactors:
+    """One adapter's canonical factors for one module: `dW_t = b @ a` (SPEC section 1)."""
+
+    a: torch.Tensor  # (r, n), A~
+    b: torch.Tensor  # (m, r), B~ = s * B @ W
+    weight: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class FactoredUpdate:
+    """A merged update `left @ core @ right`; `None` stands for an identity."""
+
+    core: torch.Tensor  # (K, J)
+    left: Optional[torch.Tensor] = None  # (m, K), orthonormal columns
+    right: Optional[torch.Tensor] = None  # (J, n), orthonormal rows
+
+    def dense(self) -> torch.Tensor:
+        """The m x n update (for tests and small modules only)."""
+        out = self.core
+        if self.left is not None:
+            out = self.left @ out
+        if self.right is not None:
+            out = out @ self.right
+        return out
+
+
+def _apply_method(items: Sequence[torch.Tensor], tasks: Sequence[TaskFactors], options: MergeOptions,
+                  generator: torch.Generator) -> torch.Tensor:
+    """`alpha * method({w_t * X_t})`."""
+    weighted = [task.weight * item for task, item in zip(tasks, items)]
+    method = get_method(options.method)
+    return options.alpha * method(weighted, dict(options.params), [t.rank for t in tasks], generator)
+
+
+def _maybe_isotropize(update: torch.Tensor, options: MergeOptions) -> torch.Tensor:
+    return isotropic_flatten(update) if options.isotropize else update
+
+
+def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+    """Merge in core space: the tasks' R_B x R_A core matrices in shared reference bases."""
+    a_stack = torch.cat([t.a for t in tasks]).to(torch.float64)  # (R, n)
+    b_stack = torch.cat([t.b for t in tasks], dim=1).to(torch.float64)  # (m, R)
+    # Reference bases: U_ref (m, R_B) and V_ref (n, R_A), with the stacks' coordinates in them
+    u_ref, b_coords = left_singular_basis(b_stack)  # b_coords = U_ref^T B_stack: (R_B, R)
+    v_ref, a_coords = left_singular_basis(a_stack.T)  # a_coords = V_ref^T A_stack^T: (R_A, R)
+    # Core matrices M_t = (U_ref^T B~_t)(A~_t V_ref), never an m x n product
+    bounds = torch.tensor([0] + [t.rank for t in tasks]).cumsum(0).tolist()
+    cores = [b_coords[:, lo:hi] @ a_coords[:, lo:hi].T for lo, hi in zip(bounds, bounds[1:])]  # (R_B, R_A)
+    merged = _maybe_isotropize(_apply_method(cores, tasks, options, generator), options)
+    return FactoredUpdate(merged, left=u_ref, right=v_ref.T)
+
+
+def full_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+    """Merge the full m x n updates (the expensive baseline)."""
+    updates = [t.b.to(torch.float64) @ t.a.to(torch.float64) for t in tasks]  # (m, n) each
+    return FactoredUpdate(_maybe_isotropize(_apply_method(updates, tasks, options, generator), options))
+
+
+def knots_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+    """KnOTS: merge the per-task right factors V_t^T of the SVD of [dW_1 | ... | dW_T].
+
+    The concatenation equals `B_stack @ blockdiag(A~_t)`, so its SVD comes from the QR
+    factors of B_stack and of each A~_t^T without forming it.
+    """
+    b_stack = torch.cat([t.b for t in tasks], dim=1).to(torch.float64)  # (m, R)
+    u_b, b_coords = left_singular_basis(b_stack)  # (m, K), (K, R)
+    qrs = [torch.linalg.qr(t.a.to(torch.float64).T) for t in tasks]  # A~_t^T = Q_t R_t: (n, q_t), (q_t, r_t)
+    # Small matrix with the concatenation's spectrum: B_coords @ blockdiag(R_t^T)   (K, sum q_t)
+    bounds = torch.tensor([0] + [t.rank for t in tasks]).cumsum(0).tolist()
+    small = torch.cat([b_coords[:, lo:hi] @ r.T for (_, r), lo, hi in zip(qrs, bounds, bounds[1:])], dim=1)
+    p, s, zh = svd(small)
+    keep = s > KNOTS_THRESHOLD
+    u, s, zh = u_b @ p[:, keep], s[keep], zh[keep]  # U (m, k), S (k,)
+    # Per-task items V_t^T = Z_t^T Q_t^T   (k, n)
+    widths = torch.tensor([0] + [q.shape[1] for q, _ in qrs]).cumsum(0).tolist()
+    items = [zh[:, lo:hi] @ q.T for (q, _), lo, hi in zip(qrs, widths, widths[1:])]
+    core = torch.diag(s) @ _apply_method(items, tasks, options, generator)  # (k, n): dW = U @ core
+    return FactoredUpdate(_maybe_isotropize(core, options), left=u)
+
+
+SPACE_MERGES: dict[str, Callable[..., FactoredUpdate]] = {
+    "core": core_space_merge,
+    "full": full_space_merge,
+    "knots": knots_merge,
+}
+
+
+def merge_module(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+    """Merge one module's tasks in the space the options name."""
+    return SPACE_MERGES[options.space](tasks, options, generator)
+
+
+def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor a merged update as a scaling-1 LoRA (SPEC 2, step 6).
+
+    With `core = P S Q^T`: `lora_B = left @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ right`, k = the
+    numerical rank of `core`, or `max_rank` if that is smaller (truncation).
+
+    Returns:
+        lora_B (m, k) and lora_A (k, n), float64; k may be 0 for a zero update.
+    """
+    p, s, qh = svd(update.core)
+    k = numerical_rank(s, tuple(update.core.shape))
+    if max_rank is not None:
+        k = min(k, max_rank)
+    lora_b = p[:, :k] * s[:k]
+    lora_a = qh[:k]
+    if update.left is not None:
+        lora_b = update.left @ lora_b
+    if update.right is not None:
+        lora_a = lora_a @ update.right
+    return lora_b, lora_a
