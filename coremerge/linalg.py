@@ -19,9 +19,14 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
-    """Closest matrix with orthonormal columns: `P @ Q^T` from `P diag Q^T = svd(matrix)`."""
-    p, _, qh = svd(matrix)
-    return p @ qh
+    """Closest matrix with orthonormal columns: `P @ Q^T` from `P diag Q^T = svd(matrix)`.
+
+    Only the numerically non-null singular directions are kept: for a rank-deficient matrix the
+    null ones are arbitrary (LAPACK's choice), and this keeps the result deterministic.
+    """
+    p, s, qh = svd(matrix)
+    k = numerical_rank(s, tuple(matrix.shape))
+    return p[:, :k] @ qh[:k]
 
 
 def left_singular_basis(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

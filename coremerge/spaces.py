@@ -4,12 +4,12 @@ Each space returns the merged update in factored form `dW = left @ core @ right`
 orthonormal `left` columns and `right` rows, so that the export needs only a small SVD.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .linalg import isotropic_flatten, left_singular_basis, numerical_rank, svd
+from .linalg import EPS64, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
 from .options import MergeOptions
 
@@ -28,6 +28,11 @@ class TaskFactors:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    def frobenius_norm(self) -> float:
+        """||b @ a||_F from r x r Gram matrices: trace(b^T b a a^T)."""
+        b, a = self.b.to(torch.float64), self.a.to(torch.float64)
+        return float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+
 
 @dataclass(frozen=True)
 class FactoredUpdate:
@@ -36,6 +41,7 @@ class FactoredUpdate:
     core: torch.Tensor  # (K, J)
     left: Optional[torch.Tensor] = None  # (m, K), orthonormal columns
     right: Optional[torch.Tensor] = None  # (J, n), orthonormal rows
+    noise_floor: float = 0.0  # singular values below it are rounding error of the inputs
 
     def dense(self) -> torch.Tensor:
         """The m x n update (for tests and small modules only)."""
@@ -110,20 +116,33 @@ SPACE_MERGES: dict[str, Callable[..., FactoredUpdate]] = {
 
 def merge_module(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
     """Merge one module's tasks in the space the options name."""
-    return SPACE_MERGES[options.space](tasks, options, generator)
+    update = SPACE_MERGES[options.space](tasks, options, generator)
+    return replace(update, noise_floor=noise_floor(tasks, options))
+
+
+def noise_floor(tasks: Sequence[TaskFactors], options: MergeOptions) -> float:
+    """Rounding level of the inputs: eps * max(m, n) * |alpha| * sum_t |w_t| ||dW_t||_F.
+
+    Without it, updates that cancel (weights w and -w) would keep their rounding noise as
+    spurious rank, since the numerical rank is relative to the result's own largest value.
+    """
+    m, n = tasks[0].b.shape[0], tasks[0].a.shape[1]
+    scale = abs(options.alpha) * sum(abs(t.weight) * t.frobenius_norm() for t in tasks)
+    return EPS64 * max(m, n) * scale
 
 
 def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factor a merged update as a scaling-1 LoRA (SPEC 2, step 6).
 
     With `core = P S Q^T`: `lora_B = left @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ right`, k = the
-    numerical rank of `core`, or `max_rank` if that is smaller (truncation).
+    numerical rank of `core` (ignoring values under the inputs' noise floor), or `max_rank` if that
+    is smaller (truncation).
 
     Returns:
         lora_B (m, k) and lora_A (k, n), float64; k may be 0 for a zero update.
     """
     p, s, qh = svd(update.core)
-    k = numerical_rank(s, tuple(update.core.shape))
+    k = min(numerical_rank(s, tuple(update.core.shape)), int((s > update.noise_floor).sum()))
     if max_rank is not None:
         k = min(k, max_rank)
     lora_b = p[:, :k] * s[:k]

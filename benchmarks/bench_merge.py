@@ -1,0 +1,257 @@
+"""Benchmark: merging 8 rank-16 Llama-3-8B LoRA adapters with coremerge (TSV in core space).
+
+What it measures (on synthetic adapters, no base model needed):
+
+1. The `coremerge merge` CLI end to end in a subprocess: wall time and peak RSS of the CLI
+   process, input and output bytes, and the merge report's time breakdown.
+   Targets: <= 15 s and <= 1.5 GB peak RSS for 8 adapters x 32 layers x 7 modules.
+2. One 4096 x 4096 module (layer 0 q_proj) merged from the same adapters three ways:
+   coremerge in core space, coremerge in full space (8 SVDs of 4096 x 4096), and peft's
+   `add_weighted_adapter(combination_type="svd")` (dense task arithmetic + one SVD).
+   Target: core space >= 100x faster than both.
+
+Usage:
+    python benchmarks/bench_merge.py [--workdir DIR] [--adapters 8] [--layers 32] [--keep]
+
+The adapters are written to DIR (default: a new temporary folder under /tmp) and removed at
+the end unless --keep. The output is plain text lines that the README can quote.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout, without installing coremerge
+
+from coremerge.options import MergeOptions  # noqa: E402
+from coremerge.spaces import TaskFactors, merge_module, to_lora  # noqa: E402
+
+BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
+RANK, LORA_ALPHA = 16, 32
+SCALING = LORA_ALPHA / RANK
+# Llama-3-8B linear layers: module path in a decoder layer -> (out_features, in_features)
+LLAMA3_8B_MODULES = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (1024, 4096),
+    "self_attn.v_proj": (1024, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (14336, 4096),
+    "mlp.up_proj": (14336, 4096),
+    "mlp.down_proj": (4096, 14336),
+}
+KEY = "base_model.model.model.layers.{layer}.{module}.lora_{part}.weight"
+BENCH_MODULE = "self_attn.q_proj"  # layer 0's q_proj is merged alone in part 2
+TARGET_SECONDS, TARGET_RSS_GB, TARGET_SPEEDUP = 15.0, 1.5, 100.0
+CORE_REPEATS = 5
+
+# The CLI is started from this bare-Python launcher, not from this script directly: on Linux a
+# child's ru_maxrss includes the high-water RSS of the process that spawned it (exec records the
+# old memory map's peak), and this script holds torch and the generated tensors. The launcher
+# reports the CLI's own wall time and peak RSS (KiB) as JSON on stdout; the CLI's output goes
+# to stderr.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=sys.stderr)
+_, status, usage = os.wait4(child.pid, 0)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "maxrss_kib": usage.ru_maxrss,
+                  "returncode": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, help="folder for the adapters and the merged output")
+    parser.add_argument("--adapters", type=int, default=8, help="number of adapters (default 8)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers per adapter (default 32)")
+    parser.add_argument("--keep", action="store_true", help="keep the written adapters and merged output")
+    return parser.parse_args()
+
+
+# --- synthetic adapters ---------------------------------------------------------------------------
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(
+        r=RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules=sorted(name.split(".")[-1] for name in LLAMA3_8B_MODULES),
+        base_model_name_or_path=BASE_MODEL,
+        task_type="CAUSAL_LM",
+        use_rslora=False,
+        use_dora=False,
+    )
+
+
+def random_factors(out_features: int, in_features: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """lora_A (r, in) and lora_B (out, r) in bf16, with magnitudes like a trained adapter's."""
+    a = torch.randn(RANK, in_features, generator=generator) * in_features ** -0.5
+    b = torch.randn(out_features, RANK, generator=generator) * 0.01
+    return a.to(torch.bfloat16), b.to(torch.bfloat16)
+
+
+def write_adapter(folder: Path, seed: int, layers: int) -> None:
+    """One peft adapter folder: adapter_config.json and adapter_model.safetensors (bf16)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for module, (out_features, in_features) in LLAMA3_8B_MODULES.items():
+            a, b = random_factors(out_features, in_features, generator)
+            tensors[KEY.format(layer=layer, module=module, part="A")] = a
+            tensors[KEY.format(layer=layer, module=module, part="B")] = b
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_config().save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def write_adapters(root: Path, count: int, layers: int) -> list[Path]:
+    folders = [root / f"t{i}" for i in range(count)]
+    for seed, folder in enumerate(folders):
+        write_adapter(folder, seed, layers)
+    return folders
+
+
+def weights_file(folder: Path) -> Path:
+    return folder / "adapter_model.safetensors"
+
+
+# --- part 1: the CLI end to end -------------------------------------------------------------------
+
+def run_cli(adapters: list[Path], output: Path) -> dict:
+    """Run `python -m coremerge merge ... --method tsv --space core` once; return its figures."""
+    command = [sys.executable, "-m", "coremerge", "merge", *map(str, adapters),
+               "--method", "tsv", "--space", "core", "--output", str(output)]
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True,
+                          cwd=REPO)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise SystemExit(f"launcher failed ({done.returncode}):\n{done.stderr}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures["cli_output"] = done.stderr.strip()
+    if figures["returncode"] != 0:
+        raise SystemExit(f"the CLI failed ({figures['returncode']}):\n{figures['cli_output']}")
+    return figures
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def report_cli(adapters: list[Path], output: Path, figures: dict) -> None:
+    seconds = figures["seconds"]
+    rss_gb = figures["maxrss_kib"] * 1024 / 1e9
+    bytes_in = sum(weights_file(folder).stat().st_size for folder in adapters)
+    bytes_out = weights_file(output).stat().st_size
+    breakdown = json.loads((output / "merge_report.json").read_text())["seconds"]
+    print(f"cli: {figures['cli_output'].splitlines()[-1]}")
+    print(f"cli wall time: {seconds:.2f} s (target <= {TARGET_SECONDS:g} s: {met(seconds <= TARGET_SECONDS)})")
+    print(f"cli peak RSS: {rss_gb:.2f} GB (target <= {TARGET_RSS_GB:g} GB: {met(rss_gb <= TARGET_RSS_GB)})")
+    print(f"cli bytes: in {bytes_in / 1e6:.1f} MB ({len(adapters)} files), out {bytes_out / 1e6:.1f} MB")
+    print("merge_report seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
+
+
+# --- part 2: one 4096 x 4096 module three ways ----------------------------------------------------
+
+def read_module_factors(adapters: list[Path], layer: int, module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) of one module from each adapter, in float32."""
+    factors = []
+    for folder in adapters:
+        with safe_open(str(weights_file(folder)), framework="pt") as handle:
+            a = handle.get_tensor(KEY.format(layer=layer, module=module, part="A")).float()
+            b = handle.get_tensor(KEY.format(layer=layer, module=module, part="B")).float()
+        factors.append((a, b))
+    return factors
+
+
+def coremerge_seconds(factors: list, space: str) -> float:
+    """One coremerge module merge (merge_module + to_lora), TSV in the given space."""
+    tasks = [TaskFactors(a=a, b=SCALING * b, weight=1.0) for a, b in factors]
+    options = MergeOptions.create(method="tsv", space=space)
+    clock = time.perf_counter()
+    to_lora(merge_module(tasks, options, torch.Generator().manual_seed(0)), options.rank)
+    return time.perf_counter() - clock
+
+
+class OneLinear(torch.nn.Module):
+    """The smallest model peft can put the adapters on: one bias-free q_proj."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(in_features, out_features, bias=False)
+
+
+def peft_svd_seconds(factors: list) -> float:
+    """peft's `add_weighted_adapter(combination_type="svd")` on the same adapters."""
+    out_features, in_features = factors[0][1].shape[0], factors[0][0].shape[1]
+    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, target_modules=["q_proj"])
+    names = [f"t{i}" for i in range(len(factors))]
+    model = get_peft_model(OneLinear(in_features, out_features), config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    layer = model.base_model.model.q_proj
+    with torch.no_grad():
+        for name, (a, b) in zip(names, factors):
+            layer.lora_A[name].weight.copy_(a)
+            layer.lora_B[name].weight.copy_(b)
+    clock = time.perf_counter()
+    model.base_model.add_weighted_adapter(adapters=names, weights=[1.0] * len(names), adapter_name="merged",
+                                          combination_type="svd", svd_rank=RANK * len(names))
+    return time.perf_counter() - clock
+
+
+def report_module(factors: list) -> None:
+    out_features, in_features = factors[0][1].shape[0], factors[0][0].shape[1]
+    core = statistics.median(coremerge_seconds(factors, "core") for _ in range(CORE_REPEATS))
+    rows = [
+        (f"coremerge tsv, core space (median of {CORE_REPEATS})", core),
+        ("coremerge tsv, full space (1 run)", coremerge_seconds(factors, "full")),
+        ("peft add_weighted_adapter svd (1 run)", peft_svd_seconds(factors)),
+    ]
+    print(f"one module: layer 0 q_proj, {out_features}x{in_features}, {len(factors)} adapters, float32 factors")
+    print(f"  {'method':<46} {'seconds':>10} {'vs core':>10}")
+    for label, seconds in rows:
+        print(f"  {label:<46} {seconds:>10.4f} {seconds / core:>9.0f}x")
+    slowest_speedup = min(seconds / core for _, seconds in rows[1:])
+    print(f"core space >= {TARGET_SPEEDUP:g}x faster than full space and peft svd: "
+          f"{met(slowest_speedup >= TARGET_SPEEDUP)} (smallest speed-up {slowest_speedup:.0f}x)")
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def main() -> None:
+    args = parse_args()
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="coremerge-bench-", dir="/tmp"))).resolve()
+    adapters_root, output = workdir / "adapters", workdir / "merged"
+    shutil.rmtree(output, ignore_errors=True)  # a merged folder left by an earlier --keep run
+    print(f"coremerge merge benchmark: {args.adapters} adapters x {args.layers} layers x {len(LLAMA3_8B_MODULES)} "
+          f"modules (Llama-3-8B shapes, rank {RANK}, bf16), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    try:
+        clock = time.perf_counter()
+        adapters = write_adapters(adapters_root, args.adapters, args.layers)
+        print(f"wrote {len(adapters)} adapters to {adapters_root} in {time.perf_counter() - clock:.1f} s")
+        report_cli(adapters, output, run_cli(adapters, output))
+        report_module(read_module_factors(adapters, 0, BENCH_MODULE))
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        elif args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            shutil.rmtree(adapters_root, ignore_errors=True)
+            shutil.rmtree(output, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Real peft adapters on tiny transformers models built from configs; nothing is downloaded."""
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the Hub (set before huggingface_hub is imported)
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Embedding as LoraEmbedding
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BASE_NAME = "coremerge-tests/tiny-llama"
+
+
+def tiny_llama(hidden_size: int = 32, name: str = BASE_NAME) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.name_or_path = name
+    return model
+
+
+def save_adapter(folder: Path, config: LoraConfig, seed: int, model=None, adapter_name: str = "default") -> Path:
+    """Train nothing: peft's own non-zero init (init_lora_weights=False), saved by peft."""
+    model = model or tiny_llama()
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model.save_pretrained(str(folder))
+    return folder if adapter_name == "default" else folder / adapter_name
+
+
+def lora(**kwargs) -> LoraConfig:
+    return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kwargs)
+
+
+def add_moslora_mixers(folder: Path, seed: int) -> dict[str, torch.Tensor]:
+    """Rewrite a saved adapter as MoSLoRA: an r x r `lora_AB.weight` mixer beside lora_A / lora_B."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    mixers = {}
+    for key in list(tensors):
+        if key.endswith("lora_A.weight"):
+            r = tensors[key].shape[0]
+            mixers[key.replace("lora_A", "lora_AB")] = torch.randn(r, r, generator=generator)
+    save_file({**tensors, **mixers}, folder / "adapter_model.safetensors")
+    return mixers
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """Adapters of one tiny Llama with heterogeneous ranks, alphas, rsLoRA, patterns, embedding, MoSLoRA."""
+    root = tmp_path_factory.mktemp("adapters")
+    attention = ["q_proj", "v_proj"]
+    made = {
+        "plain": save_adapter(root / "plain", lora(r=4, lora_alpha=8, target_modules=attention), seed=1),
+        "rslora": save_adapter(
+            root / "rslora", lora(r=8, lora_alpha=4, use_rslora=True, target_modules=attention), seed=2),
+        "pattern": save_adapter(
+            root / "pattern",
+            lora(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                 rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}),
+            seed=3),
+        "named": save_adapter(
+            root / "named", lora(r=3, lora_alpha=6, target_modules=attention), seed=4, adapter_name="other"),
+        "embedding": save_adapter(
+            root / "embedding", lora(r=2, lora_alpha=2, target_modules=["embed_tokens", "q_proj"]), seed=5),
+        "moslora": save_adapter(root / "moslora", lora(r=4, lora_alpha=4, target_modules=attention), seed=6),
+    }
+    add_moslora_mixers(made["moslora"], seed=7)
+    return made
+
+
+def peft_deltas(base_model, folder: Path) -> dict[str, torch.Tensor]:
+    """Each module's update as peft itself computes it, flattened to (m, n) like coremerge's dW = B~ @ A~."""
+    model = PeftModel.from_pretrained(base_model, str(folder), adapter_name="probe")
+    deltas = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "get_delta_weight") and "probe" in getattr(module, "scaling", {}):
+            delta = module.get_delta_weight("probe").detach().to(torch.float64)
+            if isinstance(module, LoraEmbedding):
+                delta = delta.T  # peft stores embedding updates transposed: (num_embeddings, dim)
+            deltas[name] = delta.reshape(delta.shape[0], -1)
+    model.unload()
+    return deltas
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "adapter_config.json").read_text())

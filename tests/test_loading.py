@@ -1,0 +1,94 @@
+"""Loading: coremerge's canonical B~ @ A~ equals the update peft itself computes, for every format."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import ResNetConfig, ResNetModel
+
+from coremerge import load_adapter
+from coremerge.merge import module_names
+
+from conftest import BASE_NAME, peft_deltas
+
+
+def canonical_updates(source) -> dict[str, torch.Tensor]:
+    adapter = load_adapter(str(source))
+    with adapter.open() as reader:
+        return {name: (lambda t: t.b @ t.a)(adapter.read_factors(reader, name)) for name in adapter.modules}
+
+
+@pytest.mark.parametrize("kind", ["plain", "rslora", "pattern", "named", "embedding"])
+def test_canonical_update_equals_peft_delta(kind, adapters, base_model):
+    ours = canonical_updates(adapters[kind])
+    theirs = peft_deltas(base_model, adapters[kind])
+    assert sorted(ours) == sorted(theirs)
+    for name, delta in theirs.items():
+        torch.testing.assert_close(ours[name], delta, rtol=1e-5, atol=1e-6)
+
+
+def test_metadata(adapters):
+    adapter = load_adapter(str(adapters["pattern"]))
+    assert adapter.base_model == BASE_NAME
+    assert adapter.format == "peft"
+    assert adapter.ranks["model.layers.1.self_attn.q_proj"] == 2  # rank_pattern
+    assert adapter.ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert adapter.modules["model.layers.0.self_attn.v_proj"].scaling == 3 / 4  # alpha_pattern
+    assert adapter.modules["model.layers.0.mlp.up_proj"].scaling == 16 / 4
+    rslora = load_adapter(str(adapters["rslora"]))
+    assert rslora.modules["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(4 / 8 ** 0.5)
+    assert load_adapter(str(adapters["embedding"])).modules["model.embed_tokens"].kind == "embedding"
+
+
+def test_moslora_mixer_is_folded_into_b(adapters):
+    """dW = s * B @ W @ A with W = lora_AB.weight, computed here from the raw tensors."""
+    tensors = load_file(adapters["moslora"] / "adapter_model.safetensors")
+    adapter = load_adapter(str(adapters["moslora"]))
+    assert adapter.format == "peft-moslora"
+    ours = canonical_updates(adapters["moslora"])
+    for name in adapter.modules:
+        prefix = f"base_model.model.{name}"
+        a, b, w = (tensors[f"{prefix}.{part}.weight"].double() for part in ("lora_A", "lora_B", "lora_AB"))
+        torch.testing.assert_close(ours[name], 1.0 * b @ w @ a)  # lora_alpha / r = 1
+
+
+def test_conv_lora_is_flattened(tmp_path):
+    """Conv2d LoRAs (3x3 and 1x1 kernels) of a tiny ResNet: flattened B~ @ A~ equals peft's kernel delta."""
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = ResNetModel(config)
+    model.name_or_path = "coremerge-tests/tiny-resnet"
+    targets = ["embedder.embedder.convolution", "encoder.stages.1.layers.0.shortcut.convolution"]
+    get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=False)) \
+        .save_pretrained(str(tmp_path / "conv"))
+    ours = canonical_updates(tmp_path / "conv")
+    fresh = ResNetModel(config)
+    theirs = peft_deltas(fresh, tmp_path / "conv")
+    assert sorted(ours) == sorted(theirs) == sorted(targets)
+    assert load_adapter(str(tmp_path / "conv")).modules[targets[0]].a_shape == (3, 3, 7, 7)
+    for name in targets:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_single_safetensors_file_uses_sibling_config(adapters):
+    adapter = load_adapter(str(adapters["plain"] / "adapter_model.safetensors"))
+    assert adapter.ranks == load_adapter(str(adapters["plain"])).ranks
+
+
+def test_safe_pickled_bin_loads(adapters, tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((adapters["plain"] / "adapter_config.json").read_bytes())
+    torch.save(load_file(adapters["plain"] / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    ours, reference = canonical_updates(folder), canonical_updates(adapters["plain"])
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name])
+
+
+def test_module_union_across_adapters(adapters):
+    """Different target-module sets are normal: the merge covers their union."""
+    loaded = [load_adapter(str(adapters[k])) for k in ("plain", "pattern", "embedding")]
+    names = module_names(loaded)
+    assert "model.layers.0.mlp.up_proj" in names and "model.embed_tokens" in names
+    assert len(names) == len(set().union(*(a.modules for a in loaded)))
