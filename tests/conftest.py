@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Embedding as LoraEmbedding
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 BASE_NAME = "coremerge-tests/tiny-llama"
 
@@ -51,6 +51,24 @@ def add_moslora_mixers(folder: Path, seed: int) -> dict[str, torch.Tensor]:
             mixers[key.replace("lora_A", "lora_AB")] = torch.randn(r, r, generator=generator)
     save_file({**tensors, **mixers}, folder / "adapter_model.safetensors")
     return mixers
+
+
+RESNET_TARGETS = ["embedder.embedder.convolution", "encoder.stages.1.layers.0.shortcut.convolution"]  # 7x7, 1x1
+
+
+def tiny_resnet() -> ResNetModel:
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = ResNetModel(config).eval()
+    model.name_or_path = "coremerge-tests/tiny-resnet"
+    return model
+
+
+@pytest.fixture(scope="session")
+def conv_adapter(tmp_path_factory) -> Path:
+    """Conv2d LoRAs (7x7 and 1x1 kernels) on a tiny ResNet."""
+    return save_adapter(tmp_path_factory.mktemp("conv") / "conv",
+                        lora(r=3, lora_alpha=6, target_modules=RESNET_TARGETS), seed=8, model=tiny_resnet())
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import ResNetConfig, ResNetModel
 
 from coremerge import load_adapter
 from coremerge.merge import module_names
 
-from conftest import BASE_NAME, peft_deltas
+from conftest import BASE_NAME, RESNET_TARGETS, peft_deltas, tiny_resnet
 
 
 def canonical_updates(source) -> dict[str, torch.Tensor]:
@@ -52,21 +50,13 @@ def test_moslora_mixer_is_folded_into_b(adapters):
         torch.testing.assert_close(ours[name], 1.0 * b @ w @ a)  # lora_alpha / r = 1
 
 
-def test_conv_lora_is_flattened(tmp_path):
-    """Conv2d LoRAs (3x3 and 1x1 kernels) of a tiny ResNet: flattened B~ @ A~ equals peft's kernel delta."""
-    torch.manual_seed(0)
-    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
-    model = ResNetModel(config)
-    model.name_or_path = "coremerge-tests/tiny-resnet"
-    targets = ["embedder.embedder.convolution", "encoder.stages.1.layers.0.shortcut.convolution"]
-    get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=False)) \
-        .save_pretrained(str(tmp_path / "conv"))
-    ours = canonical_updates(tmp_path / "conv")
-    fresh = ResNetModel(config)
-    theirs = peft_deltas(fresh, tmp_path / "conv")
-    assert sorted(ours) == sorted(theirs) == sorted(targets)
-    assert load_adapter(str(tmp_path / "conv")).modules[targets[0]].a_shape == (3, 3, 7, 7)
-    for name in targets:
+def test_conv_lora_is_flattened(conv_adapter):
+    """Conv2d LoRAs (7x7 and 1x1 kernels): flattened B~ @ A~ equals peft's kernel delta."""
+    ours = canonical_updates(conv_adapter)
+    theirs = peft_deltas(tiny_resnet(), conv_adapter)
+    assert sorted(ours) == sorted(theirs) == sorted(RESNET_TARGETS)
+    assert load_adapter(str(conv_adapter)).modules[RESNET_TARGETS[0]].a_shape == (3, 3, 7, 7)
+    for name in RESNET_TARGETS:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
