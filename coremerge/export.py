@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .adapter import Adapter
 from .errors import CoreMergeError
 from .merge import MergedModule
 from .peft_format import PEFT_PREFIX
+from .sources import CONFIG_NAME
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "merge_report.json"
@@ -44,22 +44,31 @@ def peft_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Te
     }
 
 
-def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter) -> LoraConfig:
-    """A scaling-1 LoRA config: r = lora_alpha = the most common rank, patterns for the others."""
+def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter) -> dict:
+    """A scaling-1 peft LoraConfig: r = lora_alpha = the most common rank, patterns for the others.
+
+    Written as the JSON that `LoraConfig.save_pretrained` writes (fields left out take peft's
+    defaults), so that the CLI need not import peft, which takes seconds.
+    """
     common = Counter(ranks.values()).most_common(1)[0][0]
     differing = {name: k for name, k in ranks.items() if k != common}
-    return LoraConfig(
-        r=common,
-        lora_alpha=common,
-        target_modules=sorted(ranks),
-        rank_pattern=differing,
-        alpha_pattern=dict(differing),
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=bool(like.config.get("fan_in_fan_out", False)),
-        task_type=like.config.get("task_type"),
-        base_model_name_or_path=base_model,
-    )
+    return {
+        "peft_type": "LORA",
+        "task_type": like.config.get("task_type"),
+        "base_model_name_or_path": base_model,
+        "r": common,
+        "lora_alpha": common,
+        "target_modules": sorted(ranks),
+        "rank_pattern": differing,
+        "alpha_pattern": dict(differing),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": bool(like.config.get("fan_in_fan_out", False)),
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
 
 
 def check_output_folder(output: Path) -> None:
@@ -95,9 +104,9 @@ def atomic_folder(output: Path) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
+def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """adapter_config.json and adapter_model.safetensors in `folder`."""
-    config.save_pretrained(str(folder))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 

@@ -1,5 +1,7 @@
 """Small float64 linear-algebra helpers shared by the spaces and the methods."""
 
+from dataclasses import dataclass
+
 import torch
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -29,19 +31,50 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     return p[:, :k] @ qh[:k]
 
 
-def left_singular_basis(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors of a tall stack (m x R) without an m x m or m x n product.
+GRAM_MAX_CONDITION = 1e4  # beyond it the Gram route loses accuracy (error ~ condition^2 * eps)
 
-    With `stack = Q @ Rf` (reduced QR) and `Rf = P S Z^T`, the left singular vectors are
-    `Q @ P`, and `(Q @ P)^T @ stack = P^T @ Rf` comes for free.
+
+@dataclass(frozen=True)
+class Basis:
+    """Orthonormal columns `U = factor @ mix`, kept implicit so that no m x K product is formed early."""
+
+    factor: torch.Tensor  # (m, R)
+    mix: torch.Tensor  # (R, K)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """`U @ x` for a small x (K, k), at the cost of one (m, R) x (R, k) product."""
+        return self.factor @ (self.mix @ x)
+
+    def then(self, mix: torch.Tensor) -> "Basis":
+        """The basis `U @ mix` (for a mix with orthonormal columns)."""
+        return Basis(self.factor, self.mix @ mix)
+
+    def dense(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.mix.shape[1], dtype=self.mix.dtype))
+
+
+def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
+    """Left singular vectors U of a tall stack (m x R) and the stack's coordinates `U^T @ stack`.
+
+    Well-conditioned stacks use their R x R Gram matrix: with `stack^T stack = W diag(S^2) W^T`,
+    `U = stack @ W @ diag(1/S)` and `U^T stack = diag(S) W^T` (cost m R^2, no m x R QR).
+    Rank-deficient or ill-conditioned stacks use a reduced QR, `stack = Q Rf`, `Rf = P S Z^T`:
+    `U = Q @ P` and `U^T stack = P^T Rf`.
 
     Returns:
-        basis: (m, min(m, R)) orthonormal columns, ordered by singular value.
-        coordinates: (min(m, R), R), the stack expressed in that basis.
+        basis: U, (m, min(m, R)), ordered by decreasing singular value.
+        coordinates: (min(m, R), R).
     """
-    q, r = torch.linalg.qr(stack.to(torch.float64))  # q: (m, K), r: (K, R)
-    p, _, _ = torch.linalg.svd(r, full_matrices=False)  # p: (K, K)
-    return q @ p, p.T @ r
+    stack = stack.to(torch.float64)
+    m, r = stack.shape
+    if r <= m:
+        eigenvalues, w = torch.linalg.eigh(stack.T @ stack)  # ascending
+        s, w = eigenvalues.flip(0).clamp(min=0).sqrt(), w.flip(1)
+        if s[-1] * GRAM_MAX_CONDITION > s[0]:
+            return Basis(stack, w / s), s[:, None] * w.T
+    q, rf = torch.linalg.qr(stack)  # (m, K), (K, R)
+    p, _, _ = torch.linalg.svd(rf, full_matrices=False)  # (K, K)
+    return Basis(q, p), p.T @ rf
 
 
 def low_rank_approximation(matrix: torch.Tensor, rank: int) -> torch.Tensor:

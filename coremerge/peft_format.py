@@ -8,7 +8,6 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
@@ -164,10 +163,8 @@ def _module_spec(source: str, config: dict, name: str, parts: dict[str, str], sh
         raise AdapterFormatError(
             f"{source}: module {name} has inconsistent LoRA shapes (A {a_shape}, B {b_shape}); rank {rank} expected"
         )
-    # r and alpha exactly as peft resolves them for this module
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    configured_rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+    configured_rank = _resolve_pattern(config.get("rank_pattern"), name, config["r"])
+    alpha = _resolve_pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
     if configured_rank != rank:
         raise AdapterFormatError(
             f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {CONFIG_NAME}"
@@ -175,3 +172,12 @@ def _module_spec(source: str, config: dict, name: str, parts: dict[str, str], sh
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")
     return ModuleSpec(name, kind, rank, scaling, parts[a_part], parts[b_part], a_shape, b_shape, mixer_key)
+
+
+def _resolve_pattern(pattern: Optional[dict], name: str, default: float) -> float:
+    """A rank_pattern / alpha_pattern value for a module, exactly as peft resolves it."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key  # imported only when needed: importing peft takes seconds
+
+    return pattern.get(get_pattern_key(pattern.keys(), name), default)

@@ -1,7 +1,7 @@
 """The spaces a module's tasks are merged in: core (SPEC 2), full and knots (SPEC 3).
 
-Each space returns the merged update in factored form `dW = left @ core @ right`, with
-orthonormal `left` columns and `right` rows, so that the export needs only a small SVD.
+Each space returns the merged update in factored form `dW = U @ core @ V^T`, with orthonormal
+bases U and V, so that the export needs only a small SVD.
 """
 
 from dataclasses import dataclass, replace
@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .linalg import EPS64, isotropic_flatten, left_singular_basis, numerical_rank, svd
+from .linalg import EPS64, Basis, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
 from .options import MergeOptions
 
@@ -36,20 +36,20 @@ class TaskFactors:
 
 @dataclass(frozen=True)
 class FactoredUpdate:
-    """A merged update `left @ core @ right`; `None` stands for an identity."""
+    """A merged update `left @ core @ right^T`; `None` stands for an identity."""
 
     core: torch.Tensor  # (K, J)
-    left: Optional[torch.Tensor] = None  # (m, K), orthonormal columns
-    right: Optional[torch.Tensor] = None  # (J, n), orthonormal rows
+    left: Optional[Basis] = None  # U: (m, K), orthonormal columns
+    right: Optional[Basis] = None  # V: (n, J), orthonormal columns
     noise_floor: float = 0.0  # singular values below it are rounding error of the inputs
 
     def dense(self) -> torch.Tensor:
         """The m x n update (for tests and small modules only)."""
         out = self.core
         if self.left is not None:
-            out = self.left @ out
+            out = self.left.apply(out)
         if self.right is not None:
-            out = out @ self.right
+            out = self.right.apply(out.T).T
         return out
 
 
@@ -76,7 +76,7 @@ def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, genera
     bounds = torch.tensor([0] + [t.rank for t in tasks]).cumsum(0).tolist()
     cores = [b_coords[:, lo:hi] @ a_coords[:, lo:hi].T for lo, hi in zip(bounds, bounds[1:])]  # (R_B, R_A)
     merged = _maybe_isotropize(_apply_method(cores, tasks, options, generator), options)
-    return FactoredUpdate(merged, left=u_ref, right=v_ref.T)
+    return FactoredUpdate(merged, left=u_ref, right=v_ref)
 
 
 def full_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
@@ -99,7 +99,7 @@ def knots_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: 
     small = torch.cat([b_coords[:, lo:hi] @ r.T for (_, r), lo, hi in zip(qrs, bounds, bounds[1:])], dim=1)
     p, s, zh = svd(small)
     keep = s > KNOTS_THRESHOLD
-    u, s, zh = u_b @ p[:, keep], s[keep], zh[keep]  # U (m, k), S (k,)
+    u, s, zh = u_b.then(p[:, keep]), s[keep], zh[keep]  # U (m, k), S (k,)
     # Per-task items V_t^T = Z_t^T Q_t^T   (k, n)
     widths = torch.tensor([0] + [q.shape[1] for q, _ in qrs]).cumsum(0).tolist()
     items = [zh[:, lo:hi] @ q.T for (q, _), lo, hi in zip(qrs, widths, widths[1:])]
@@ -134,7 +134,7 @@ def noise_floor(tasks: Sequence[TaskFactors], options: MergeOptions) -> float:
 def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factor a merged update as a scaling-1 LoRA (SPEC 2, step 6).
 
-    With `core = P S Q^T`: `lora_B = left @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ right`, k = the
+    With `core = P S Q^T`: `lora_B = U @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ V^T`, k = the
     numerical rank of `core` (ignoring values under the inputs' noise floor), or `max_rank` if that
     is smaller (truncation).
 
@@ -148,7 +148,7 @@ def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None) -> tuple[tor
     lora_b = p[:, :k] * s[:k]
     lora_a = qh[:k]
     if update.left is not None:
-        lora_b = update.left @ lora_b
+        lora_b = update.left.apply(lora_b)
     if update.right is not None:
-        lora_a = lora_a @ update.right
+        lora_a = update.right.apply(lora_a.T).T
     return lora_b, lora_a

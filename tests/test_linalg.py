@@ -1,0 +1,46 @@
+"""The reference bases: both routes (Gram and QR) give the stack's left singular vectors."""
+
+import pytest
+import torch
+
+from coremerge.linalg import GRAM_MAX_CONDITION, left_singular_basis, numerical_rank, polar_factor
+
+
+def stack_with_condition(condition: float, m: int = 300, r: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r, dtype=torch.float64)
+    return u @ torch.diag(s) @ w.T
+
+
+@pytest.mark.parametrize("condition", [10.0, 1e3, 1e8])  # Gram, Gram, QR route
+def test_basis_is_the_left_singular_basis(condition):
+    stack = stack_with_condition(condition)
+    basis, coordinates = left_singular_basis(stack)
+    u = basis.dense()
+    assert (basis.factor is stack) == (condition < GRAM_MAX_CONDITION)  # which route was taken
+    torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(u @ coordinates, stack, atol=1e-12, rtol=0)
+    # same singular vectors as an SVD, up to sign
+    reference, s, _ = torch.linalg.svd(stack, full_matrices=False)
+    torch.testing.assert_close((reference.T @ u).abs().diagonal(), torch.ones(u.shape[1], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(coordinates), s)
+
+
+def test_rank_deficient_and_wide_stacks_use_qr():
+    b = torch.randn(50, 3, dtype=torch.float64)
+    basis, coordinates = left_singular_basis(torch.cat([b, b], dim=1))  # rank 3 of 6
+    assert basis.factor.shape == (50, 6) and numerical_rank(torch.linalg.svdvals(coordinates), (50, 6)) == 3
+    wide = torch.randn(10, 25, dtype=torch.float64)
+    basis, coordinates = left_singular_basis(wide)
+    assert coordinates.shape == (10, 25)
+    torch.testing.assert_close(basis.dense() @ coordinates, wide)
+
+
+def test_polar_factor_ignores_null_directions():
+    u = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64))[0]
+    duplicated = torch.cat([u, -u], dim=1)  # rank 3: [U, -U] = U [I, -I]
+    expected = u @ torch.cat([torch.eye(3), -torch.eye(3)], dim=1).double() / 2 ** 0.5
+    torch.testing.assert_close(polar_factor(duplicated), expected)
