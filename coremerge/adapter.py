@@ -75,22 +75,18 @@ class Adapter:
     def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0) -> TaskFactors:
         """Canonical factors of one module: `A~ = A` (r x n), `B~ = s * B @ W` (m x r)."""
         spec = self.modules[name]
-        a = _float64(self._finite(reader, spec.a_key).reshape(spec.rank, -1))
-        b = _float64(self._finite(reader, spec.b_key).reshape(spec.b_shape[0], spec.rank))
+        a = self._read_float64(reader, spec.a_key).reshape(spec.rank, -1)
+        b = self._read_float64(reader, spec.b_key).reshape(spec.b_shape[0], spec.rank)
         if spec.mixer_key is not None:
-            b = b @ _float64(self._finite(reader, spec.mixer_key))  # MoSLoRA: B @ W
+            b = b @ self._read_float64(reader, spec.mixer_key)  # MoSLoRA: B @ W
         return TaskFactors(a=a, b=spec.scaling * b, weight=weight)
 
-    def _finite(self, reader: TensorReader, key: str) -> torch.Tensor:
-        tensor = reader.get_tensor(key)
+    def _read_float64(self, reader: TensorReader, key: str) -> torch.Tensor:
+        """A tensor upcast exactly to float64 (half precision via float32, whose conversion is vectorized)."""
+        tensor = reader.get_tensor(key).to(torch.float32)
         if not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
-        return tensor
-
-
-def _float64(tensor: torch.Tensor) -> torch.Tensor:
-    """Exact upcast; half-precision goes through float32, whose conversion is vectorized (much faster)."""
-    return tensor.to(torch.float32).to(torch.float64)
+        return tensor.to(torch.float64)
 
 
 class _DictReader:

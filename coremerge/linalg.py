@@ -41,9 +41,9 @@ class Basis:
     factor: torch.Tensor  # (m, R)
     mix: torch.Tensor  # (R, K)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """`U @ x` for a small x (K, k), at the cost of one (m, R) x (R, k) product."""
-        return self.factor @ (self.mix @ x)
+    def apply(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """`U @ x` for a small x (K, k), at the cost of one (m, R) x (R, k) product in `dtype`."""
+        return self.factor.to(dtype) @ (self.mix @ x).to(dtype)
 
     def then(self, mix: torch.Tensor) -> "Basis":
         """The basis `U @ mix` (for a mix with orthonormal columns)."""

@@ -2,6 +2,8 @@
 
 import time
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
@@ -16,6 +18,7 @@ from .sources import resolve_source
 from .spaces import merge_module, to_lora
 
 MODULES_PER_READ = 16  # files are reopened per chunk so that their memory maps do not pile up
+WORKERS = 2  # modules merged at once (torch releases the GIL)
 
 
 def load_adapter(source: str) -> Adapter:
@@ -34,7 +37,7 @@ def load_adapters(sources: Sequence[str]) -> list[Adapter]:
 
 @dataclass(frozen=True)
 class MergedModule:
-    """One module of the merged adapter: `dW = lora_b @ lora_a` (float64, flattened)."""
+    """One module of the merged adapter: `dW = lora_b @ lora_a` (flattened)."""
 
     name: str
     template: ModuleSpec  # kind and stored shapes, from an input adapter
@@ -69,8 +72,14 @@ def merge_adapters(
     options: MergeOptions,
     timings: Optional[Timings] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    factor_dtype: torch.dtype = torch.float64,
+    workers: int = WORKERS,
 ) -> Iterator[MergedModule]:
     """Merge module by module; a module counts only the adapters that target it (SPEC 1).
+
+    The main thread reads each module's factors while `workers` threads merge the previous ones
+    (torch releases the GIL, and the many small SVDs use one core each). `factor_dtype` is the
+    precision of the final products that give the written factors.
 
     Yields:
         One `MergedModule` per module, in name order.
@@ -79,19 +88,38 @@ def merge_adapters(
     timings = timings or Timings()
     names = module_names(adapters)
     seed = int(options.params.get("seed", 0))
-    for start in range(0, len(names), MODULES_PER_READ):
-        chunk = names[start:start + MODULES_PER_READ]
-        with ExitStack() as stack:
-            readers = [stack.enter_context(adapter.open()) for adapter in adapters]
-            for offset, name in enumerate(chunk):
-                clock = time.perf_counter()
-                users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
-                tasks = [adapters[i].read_factors(readers[i], name, weights[i]) for i in users]
-                timings.loading += time.perf_counter() - clock
-                clock = time.perf_counter()
-                lora_b, lora_a = to_lora(merge_module(tasks, options, module_generator(seed, name)), options.rank)
-                timings.merging += time.perf_counter() - clock
-                template = adapters[users[0]].modules[name]
-                yield MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
-                if progress is not None:
-                    progress(start + offset + 1, len(names))
+    started, consumer = time.perf_counter(), 0.0
+
+    def merge_one(name: str, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        update = merge_module(tasks, options, module_generator(seed, name))
+        return to_lora(update, options.rank, factor_dtype)
+
+    def finish(name: str, users: list[int], future) -> MergedModule:
+        lora_b, lora_a = future.result()
+        template = adapters[users[0]].modules[name]
+        return MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
+
+    def in_order() -> Iterator[MergedModule]:
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(names), MODULES_PER_READ):
+                with ExitStack() as stack:
+                    readers = [stack.enter_context(adapter.open()) for adapter in adapters]
+                    for name in names[start:start + MODULES_PER_READ]:
+                        clock = time.perf_counter()
+                        users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
+                        tasks = [adapters[i].read_factors(readers[i], name, weights[i]) for i in users]
+                        timings.loading += time.perf_counter() - clock
+                        pending.append((name, users, pool.submit(merge_one, name, tasks)))
+                        if len(pending) > workers:
+                            yield finish(*pending.popleft())
+            while pending:
+                yield finish(*pending.popleft())
+
+    for done, module in enumerate(in_order(), start=1):
+        clock = time.perf_counter()
+        yield module
+        if progress is not None:
+            progress(done, len(names))
+        consumer += time.perf_counter() - clock
+    timings.merging += time.perf_counter() - started - timings.loading - consumer

@@ -4,6 +4,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from . import __version__
 from .checks import check_same_base_model, check_sources
 from .errors import CoreMergeError
@@ -39,7 +41,8 @@ def merge_to_folder(
     dtype = output_dtype(adapters, options.dtype)
 
     tensors, module_reports, zero_modules = {}, {}, []
-    for module in merge_adapters(adapters, options, timings, progress):
+    factor_dtype = torch.float32 if dtype.itemsize < 4 else torch.float64
+    for module in merge_adapters(adapters, options, timings, progress, factor_dtype):
         module_reports[module.name] = {
             "kind": module.template.kind,
             "shape": list(module.template.shape),
