@@ -5,7 +5,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -52,10 +52,11 @@ class MergedModule:
 
 @dataclass
 class Timings:
+    """Seconds spent per stage (wall time)."""
+
     loading: float = 0.0
     merging: float = 0.0
     writing: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
