@@ -1,0 +1,170 @@
+"""The bundled vision preset: eight tasks over scikit-learn's 8x8 digits on one tiny ViT.
+
+The tasks differ in input domain (rotated, mirrored, inverted, noisy, shifted, transposed,
+blurred, low-contrast digits) and in label set (digit, parity, "greater than 4"), so that their
+adapters conflict when merged, as the paper's eight vision datasets do. Each task keeps its own
+classification head (unmerged, as in the paper); only the backbone adapters are merged.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+HEAD_NAME = "head.safetensors"
+BASE_NAME = "coremerge/digits-vit"  # the base model name recorded in the adapters
+SPLIT_SEED = 0
+SPLITS = ("train", "validation", "test")
+
+
+def _blur(x: np.ndarray) -> np.ndarray:
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    return sum(padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)) / 9
+
+
+def _noise(x: np.ndarray) -> np.ndarray:
+    return np.clip(x + np.random.default_rng(1).normal(0, 0.15, x.shape), 0, 1)
+
+
+@dataclass(frozen=True)
+class DigitsTask:
+    name: str
+    description: str
+    transform: Callable[[np.ndarray], np.ndarray]  # (N, 8, 8) in [0, 1] -> same
+    labels: tuple[str, ...]
+    label_of: Callable[[np.ndarray], np.ndarray]  # digit -> class index
+
+
+DIGIT_LABELS = tuple(str(d) for d in range(10))
+
+
+def _digit(y):
+    return y
+
+
+TASKS: dict[str, DigitsTask] = {t.name: t for t in (
+    DigitsTask("rotate90", "digits rotated by 90 degrees", lambda x: np.rot90(x, 1, axes=(1, 2)), DIGIT_LABELS, _digit),
+    DigitsTask("mirror", "mirrored digits", lambda x: x[:, :, ::-1], DIGIT_LABELS, _digit),
+    DigitsTask("invert", "inverted digits (dark on light)", lambda x: 1 - x, DIGIT_LABELS, _digit),
+    DigitsTask("noisy", "digits with strong Gaussian noise", _noise, DIGIT_LABELS, _digit),
+    DigitsTask("shifted", "digits shifted by two pixels, wrapping around",
+               lambda x: np.roll(x, (2, 2), axis=(1, 2)), DIGIT_LABELS, _digit),
+    DigitsTask("parity", "upside-down digits, labelled even or odd", lambda x: x[:, ::-1, ::-1],
+               ("even", "odd"), lambda y: y % 2),
+    DigitsTask("greater4", "transposed digits, labelled 0-4 or 5-9", lambda x: np.swapaxes(x, 1, 2),
+               ("0-4", "5-9"), lambda y: (y > 4).astype(np.int64)),
+    DigitsTask("blurred", "blurred low-contrast digits", lambda x: 0.4 + 0.3 * _blur(x), DIGIT_LABELS, _digit),
+)}
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    from sklearn.datasets import load_digits  # ships its data with the package
+
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    n_train, n_val = int(0.6 * len(order)), int(0.2 * len(order))
+    splits = {"train": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return images, data.target.astype(np.int64), splits
+
+
+def task_data(task: Optional[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 8, 8) and labels of a task's split; task None is plain digit recognition."""
+    images, digits, splits = _digits()
+    index = splits[split]
+    x, y = images[index], digits[index]
+    if task is not None:
+        x, y = TASKS[task].transform(x), TASKS[task].label_of(y)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None], torch.from_numpy(y)
+
+
+def vit_config() -> ViTConfig:
+    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+
+
+def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The [CLS] embedding after the final layer norm: (N, hidden)."""
+    return backbone(pixel_values=images).last_hidden_state[:, 0]
+
+
+def new_head(task: Optional[str], hidden: int) -> nn.Linear:
+    return nn.Linear(hidden, len(TASKS[task].labels) if task else 10)
+
+
+def save_head(head: nn.Linear, folder: Path) -> None:
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+              Path(folder) / HEAD_NAME)
+
+
+def load_head(folder: Path) -> nn.Linear:
+    state = load_file(Path(folder) / HEAD_NAME)
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def load_backbone(folder: Path) -> ViTModel:
+    model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+    model.name_or_path = BASE_NAME
+    return model
+
+
+class DigitsEvaluator:
+    """Accuracy of the base model, or of it with one adapter, on each task, with the task's own head.
+
+    The base model is loaded once; adapters (individual or merged) are loaded onto it by path
+    and switched with peft's `set_adapter`.
+    """
+
+    def __init__(self, base_folder: str, heads: dict[str, str]):
+        self.base_folder = base_folder
+        self.heads = {task: load_head(Path(folder)) for task, folder in heads.items()}
+        self.tasks = list(self.heads)
+        self.model = load_backbone(Path(base_folder))
+        self.loaded: dict[str, str] = {}  # adapter folder -> peft adapter name
+
+    @torch.no_grad()
+    def logits(self, task: str, images: torch.Tensor, adapter: Optional[str] = None) -> torch.Tensor:
+        if adapter is None:
+            if not self.loaded:
+                return self.heads[task](features(self.model, images))
+            with self.model.disable_adapter():
+                return self.heads[task](features(self.model, images))
+        self._activate(adapter)
+        return self.heads[task](features(self.model, images))
+
+    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test") -> float:
+        x, y = task_data(task, split)
+        return float((self.logits(task, x, adapter).argmax(-1) == y).double().mean())
+
+    def predict(self, task: str, images: torch.Tensor, adapter: Optional[str] = None) -> list[str]:
+        """Label names for images (N, 1, 8, 8) in [0, 1]."""
+        return [TASKS[task].labels[i] for i in self.logits(task, images, adapter).argmax(-1).tolist()]
+
+    def forget(self, adapter: str) -> None:
+        """Unload an adapter (a merged one that is no longer needed)."""
+        name = self.loaded.pop(str(adapter), None)
+        if name is not None:
+            self.model.delete_adapter(name)
+
+    def _activate(self, adapter: str) -> None:
+        from peft import PeftModel
+
+        adapter = str(adapter)
+        if adapter not in self.loaded:
+            name = f"adapter{len(self.loaded)}_{abs(hash(adapter))}"
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(adapter, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
+            self.loaded[adapter] = name
+        self.model.set_adapter(self.loaded[adapter])

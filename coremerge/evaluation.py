@@ -1,0 +1,134 @@
+"""How good a merge is on a bundled preset: per-task accuracy and normalized accuracy (the paper's metric).
+
+Normalized accuracy of task t = accuracy of the merged model on t / accuracy of task t's own adapter
+on t; the benchmark reports its average over tasks, for every method x space, with alpha and
+density chosen on the validation split (as the authors do) and accuracy on the test split.
+"""
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+from .errors import CoreMergeError
+from .methods import METHODS
+from .options import SPACES, MergeOptions
+from .pipeline import merge_to_folder
+from .presets import Preset
+
+ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0)
+DENSITIES = {"ties": (0.1, 0.2, 0.4, 0.7), "dare": (0.3, 0.5, 0.7, 0.9), "dare_ties": (0.3, 0.5, 0.7, 0.9)}
+
+
+class Evaluator(Protocol):
+    tasks: list[str]
+
+    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test") -> float: ...
+
+    def forget(self, adapter: str) -> None: ...
+
+
+def evaluator_for(preset: Preset) -> Evaluator:
+    """The evaluator of a bundled preset's kind, with the base model loaded once."""
+    if not preset.bundled:
+        raise CoreMergeError(f"preset {preset.name}: accuracy is measured on bundled presets only")
+    if preset.kind == "image-classification":
+        from .bundled.digits import DigitsEvaluator
+
+        return DigitsEvaluator(preset.base_model_path, {a.task: preset.resolve(a.source) for a in preset.adapters})
+    if preset.kind == "text-generation":
+        from .bundled.strings import StringsEvaluator
+
+        return StringsEvaluator(preset.base_model_path)
+    raise CoreMergeError(f"preset {preset.name}: no evaluation for kind {preset.kind}")
+
+
+@dataclass
+class Scores:
+    """Per-task accuracies of the base model, each task's own adapter, and a merge."""
+
+    base: dict[str, float]
+    individual: dict[str, float]
+    merged: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def normalized(self) -> dict[str, float]:
+        return {t: self.merged[t] / self.individual[t] for t in self.merged}
+
+    @staticmethod
+    def mean(values: dict[str, float]) -> float:
+        return sum(values.values()) / len(values)
+
+
+def reference_scores(preset: Preset, evaluator: Evaluator, split: str = "test") -> Scores:
+    """Accuracy of the base model and of each task's own adapter on that task."""
+    own = {a.task: preset.resolve(a.source) for a in preset.adapters}
+    return Scores(
+        base={task: evaluator.accuracy(task, None, split) for task in own},
+        individual={task: evaluator.accuracy(task, folder, split) for task, folder in own.items()},
+    )
+
+
+def merged_accuracies(evaluator: Evaluator, folder: str, split: str) -> dict[str, float]:
+    try:
+        return {task: evaluator.accuracy(task, folder, split) for task in evaluator.tasks}
+    finally:
+        evaluator.forget(folder)
+
+
+@dataclass
+class Cell:
+    """One method x space of the benchmark: chosen parameters and test scores."""
+
+    method: str
+    space: str
+    options: MergeOptions
+    validation: float  # average normalized accuracy on the validation split
+    test: dict[str, float]  # per-task merged accuracy on the test split
+    merge_seconds: float
+
+
+def candidate_options(method: str, space: str) -> list[MergeOptions]:
+    densities = DENSITIES.get(method, (None,))
+    return [
+        MergeOptions.create(method=method, space=space, alpha=alpha, **({} if d is None else {"density": d}))
+        for alpha in ALPHAS for d in densities
+    ]
+
+
+def tune_and_score(preset: Preset, evaluator: Evaluator, method: str, space: str, validation: Scores,
+                   workdir: Path) -> Cell:
+    """Choose alpha (and density) on the validation split, then score the choice on the test split."""
+    sources = preset.adapter_sources
+    best, best_score = None, -1.0
+    for options in candidate_options(method, space):
+        folder = workdir / f"{method}-{space}"
+        merge_to_folder(sources, options, folder)
+        score = Scores.mean({t: a / validation.individual[t]
+                             for t, a in merged_accuracies(evaluator, str(folder), "validation").items()})
+        if score > best_score:
+            best, best_score = options, score
+    folder = workdir / f"{method}-{space}-best"
+    clock = time.perf_counter()
+    report = merge_to_folder(sources, best, folder)
+    seconds = report["seconds"]["merging"] + report["seconds"]["loading"] or time.perf_counter() - clock
+    return Cell(method, space, best, best_score, merged_accuracies(evaluator, str(folder), "test"), seconds)
+
+
+def benchmark(preset: Preset, methods: Sequence[str] = tuple(METHODS), spaces: Sequence[str] = SPACES,
+              progress=None) -> tuple[Scores, list[Cell]]:
+    """Every method x space on a bundled preset: test reference scores and one tuned cell each.
+
+    `progress(cell, test_reference)` is called after each cell.
+    """
+    evaluator = evaluator_for(preset)
+    test, validation = reference_scores(preset, evaluator, "test"), reference_scores(preset, evaluator, "validation")
+    cells = []
+    with tempfile.TemporaryDirectory(prefix="coremerge-eval-") as workdir:
+        for space in spaces:
+            for method in methods:
+                cells.append(tune_and_score(preset, evaluator, method, space, validation, Path(workdir)))
+                if progress is not None:
+                    progress(cells[-1], test)
+    return test, cells

@@ -1,0 +1,82 @@
+"""Preset files: schema validation with clear messages, listing order, manifests."""
+
+import pytest
+
+from coremerge import CoreMergeError
+from coremerge.evaluation import Scores
+from coremerge.presets import PRESETS_DIR, check_manifest, find_preset, list_presets, load_preset, write_manifest
+
+MINIMAL = """
+name: tiny
+title: Tiny
+description: A test preset.
+kind: text-generation
+base_model: org/base
+adapters:
+  - {name: A, source: org/a}
+"""
+
+
+def test_every_shipped_preset_validates_and_bundled_ones_come_first():
+    presets = list_presets()
+    assert presets, f"no presets in {PRESETS_DIR}"
+    flags = [p.bundled for p in presets]
+    assert flags == sorted(flags, reverse=True)
+    for preset in presets:
+        if preset.bundled:
+            assert all(not s.startswith(("http", "org/")) for s in preset.adapter_sources)
+            for source in preset.adapter_sources + [preset.base_model_path]:
+                assert (preset.folder / source).exists(), source
+
+
+def test_minimal_preset_and_relative_sources(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(MINIMAL)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "a").mkdir()
+    preset = load_preset(tmp_path / "tiny.yaml")
+    assert preset.adapter_sources == [str(tmp_path / "org" / "a")]  # a local folder wins
+    assert preset.base_model_path == "org/base"  # otherwise the Hub ID as given
+    assert find_preset("tiny", tmp_path).name == "tiny"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed", "not valid YAML"),
+    ("- a list", "expected a mapping at the top level"),
+    (MINIMAL.replace("kind: text-generation", "kind: painting"), "kind: Input should be 'text-generation'"),
+    (MINIMAL.replace("title: Tiny\n", ""), "title: Field required"),
+    (MINIMAL + "colour: blue\n", "colour: Extra inputs are not permitted"),
+    (MINIMAL.replace("  - {name: A, source: org/a}", "  []").replace("adapters:\n", "adapters:"),
+     "adapters: List should have at least 1 item"),
+])
+def test_bad_preset_files(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(CoreMergeError) as error:
+        load_preset(tmp_path / "bad.yaml")
+    assert str(error.value).startswith(f"preset {tmp_path / 'bad.yaml'}: ")
+    assert message in str(error.value)
+
+
+def test_unknown_preset_name(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(MINIMAL)
+    with pytest.raises(CoreMergeError, match="--preset huge: no such preset; choose one of tiny"):
+        find_preset("huge", tmp_path)
+
+
+def test_manifest_names_the_changed_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"1")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    write_manifest(tmp_path)
+    check_manifest(tmp_path)
+    (tmp_path / "sub" / "b.json").write_text("[]")
+    with pytest.raises(CoreMergeError, match="sub/b.json is changed"):
+        check_manifest(tmp_path)
+    (tmp_path / "sub" / "b.json").unlink()
+    with pytest.raises(CoreMergeError, match="sub/b.json is missing"):
+        check_manifest(tmp_path)
+
+
+def test_normalized_accuracy_by_hand():
+    scores = Scores(base={"a": 0.2, "b": 0.5}, individual={"a": 0.8, "b": 1.0}, merged={"a": 0.6, "b": 0.9})
+    assert scores.normalized == pytest.approx({"a": 0.75, "b": 0.9})
+    assert Scores.mean(scores.normalized) == pytest.approx(0.825)

