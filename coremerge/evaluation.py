@@ -6,8 +6,7 @@ density chosen on the validation split (as the authors do) and accuracy on the t
 """
 
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
@@ -24,7 +23,8 @@ DENSITIES = {"ties": (0.1, 0.2, 0.4, 0.7), "dare": (0.3, 0.5, 0.7, 0.9), "dare_t
 class Evaluator(Protocol):
     tasks: list[str]
 
-    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test") -> float: ...
+    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test", scale: float = 1.0) -> float:
+        """`scale` multiplies the adapter's update."""
 
     def forget(self, adapter: str) -> None: ...
 
@@ -70,9 +70,11 @@ def reference_scores(preset: Preset, evaluator: Evaluator, split: str = "test") 
     )
 
 
-def merged_accuracies(evaluator: Evaluator, folder: str, split: str) -> dict[str, float]:
+def merged_accuracies(evaluator: Evaluator, folder: str, split: str, scales: Sequence[float] = (1.0,)
+                      ) -> list[dict[str, float]]:
+    """Per-task accuracy of a merged adapter, once per scale, then unload it."""
     try:
-        return {task: evaluator.accuracy(task, folder, split) for task in evaluator.tasks}
+        return [{task: evaluator.accuracy(task, folder, split, scale) for task in evaluator.tasks} for scale in scales]
     finally:
         evaluator.forget(folder)
 
@@ -89,31 +91,26 @@ class Cell:
     merge_seconds: float
 
 
-def candidate_options(method: str, space: str) -> list[MergeOptions]:
-    densities = DENSITIES.get(method, (None,))
-    return [
-        MergeOptions.create(method=method, space=space, alpha=alpha, **({} if d is None else {"density": d}))
-        for alpha in ALPHAS for d in densities
-    ]
-
-
 def tune_and_score(preset: Preset, evaluator: Evaluator, method: str, space: str, validation: Scores,
                    workdir: Path) -> Cell:
-    """Choose alpha (and density) on the validation split, then score the choice on the test split."""
-    sources = preset.adapter_sources
+    """Choose alpha (and density) on the validation split, then score the choice on the test split.
+
+    The merged update is linear in alpha (SPEC 2, step 5), so each density is merged once at
+    alpha 1 and every alpha is evaluated by scaling the loaded adapter.
+    """
+    sources, folder = preset.adapter_sources, workdir / f"{method}-{space}"
     best, best_score = None, -1.0
-    for options in candidate_options(method, space):
-        folder = workdir / f"{method}-{space}"
+    for density in DENSITIES.get(method, (None,)):
+        options = MergeOptions.create(method=method, space=space, **({} if density is None else {"density": density}))
         merge_to_folder(sources, options, folder)
-        score = Scores.mean({t: a / validation.individual[t]
-                             for t, a in merged_accuracies(evaluator, str(folder), "validation").items()})
-        if score > best_score:
-            best, best_score = options, score
-    folder = workdir / f"{method}-{space}-best"
-    clock = time.perf_counter()
+        for alpha, accuracies in zip(ALPHAS, merged_accuracies(evaluator, str(folder), "validation", ALPHAS)):
+            score = Scores.mean({t: a / validation.individual[t] for t, a in accuracies.items()})
+            if score > best_score:
+                best, best_score = replace(options, alpha=alpha), score
     report = merge_to_folder(sources, best, folder)
-    seconds = report["seconds"]["merging"] + report["seconds"]["loading"] or time.perf_counter() - clock
-    return Cell(method, space, best, best_score, merged_accuracies(evaluator, str(folder), "test"), seconds)
+    seconds = report["seconds"]["loading"] + report["seconds"]["merging"]
+    [test] = merged_accuracies(evaluator, str(folder), "test")
+    return Cell(method, space, best, best_score, test, seconds)
 
 
 def benchmark(preset: Preset, methods: Sequence[str] = tuple(METHODS), spaces: Sequence[str] = SPACES,

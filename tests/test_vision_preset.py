@@ -50,9 +50,13 @@ def test_adapters_reproduce_recorded_accuracies(preset, evaluator, recorded):
 
 def test_a_merge_beats_the_base_on_average(preset, evaluator, recorded, tmp_path):
     merge_to_folder(preset.adapter_sources, MergeOptions.create(method="tsv", alpha=0.5), tmp_path / "merged")
-    merged = merged_accuracies(evaluator, str(tmp_path / "merged"), "test")
+    [merged, doubled] = merged_accuracies(evaluator, str(tmp_path / "merged"), "test", scales=(1.0, 2.0))
     assert Scores.mean(merged) > Scores.mean(recorded["base"]) + 0.1
     assert str(tmp_path / "merged") not in evaluator.loaded  # merged adapters are unloaded after scoring
+    # scaling the loaded adapter by 2 is the same as merging with alpha 2 * 0.5
+    merge_to_folder(preset.adapter_sources, MergeOptions.create(method="tsv", alpha=1.0), tmp_path / "alpha1")
+    [alpha1] = merged_accuracies(evaluator, str(tmp_path / "alpha1"), "test")
+    assert doubled == pytest.approx(alpha1, abs=0.01)
 
 
 def test_predictions_name_the_task_labels(evaluator, preset):

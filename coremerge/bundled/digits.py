@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from .switching import activate_adapter, forget_adapter
+
 HEAD_NAME = "head.safetensors"
 BASE_NAME = "coremerge/digits-vit"  # the base model name recorded in the adapters
 SPLIT_SEED = 0
@@ -133,38 +135,23 @@ class DigitsEvaluator:
         self.loaded: dict[str, str] = {}  # adapter folder -> peft adapter name
 
     @torch.no_grad()
-    def logits(self, task: str, images: torch.Tensor, adapter: Optional[str] = None) -> torch.Tensor:
+    def logits(self, task: str, images: torch.Tensor, adapter: Optional[str] = None, scale: float = 1.0):
         if adapter is None:
             if not self.loaded:
                 return self.heads[task](features(self.model, images))
             with self.model.disable_adapter():
                 return self.heads[task](features(self.model, images))
-        self._activate(adapter)
+        activate_adapter(self, adapter, scale)
         return self.heads[task](features(self.model, images))
 
-    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test") -> float:
+    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test", scale: float = 1.0) -> float:
+        """Accuracy on a task's split; `scale` multiplies the adapter's update (alpha search)."""
         x, y = task_data(task, split)
-        return float((self.logits(task, x, adapter).argmax(-1) == y).double().mean())
+        return float((self.logits(task, x, adapter, scale).argmax(-1) == y).double().mean())
 
     def predict(self, task: str, images: torch.Tensor, adapter: Optional[str] = None) -> list[str]:
         """Label names for images (N, 1, 8, 8) in [0, 1]."""
         return [TASKS[task].labels[i] for i in self.logits(task, images, adapter).argmax(-1).tolist()]
 
     def forget(self, adapter: str) -> None:
-        """Unload an adapter (a merged one that is no longer needed)."""
-        name = self.loaded.pop(str(adapter), None)
-        if name is not None:
-            self.model.delete_adapter(name)
-
-    def _activate(self, adapter: str) -> None:
-        from peft import PeftModel
-
-        adapter = str(adapter)
-        if adapter not in self.loaded:
-            name = f"adapter{len(self.loaded)}_{abs(hash(adapter))}"
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(adapter, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
-            self.loaded[adapter] = name
-        self.model.set_adapter(self.loaded[adapter])
+        forget_adapter(self, adapter)

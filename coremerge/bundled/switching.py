@@ -1,0 +1,35 @@
+"""Switching adapters on one loaded base model (peft), shared by the bundled presets' evaluators."""
+
+from typing import Protocol
+
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+
+class HoldsAdapters(Protocol):
+    model: object  # the base model, wrapped in a PeftModel once an adapter is loaded
+    loaded: dict[str, str]  # adapter folder -> peft adapter name
+
+
+def activate_adapter(holder: HoldsAdapters, folder: str, scale: float = 1.0) -> None:
+    """Load `folder` once (by path), make it the active adapter, with its update times `scale`."""
+    folder = str(folder)
+    if folder not in holder.loaded:
+        name = f"adapter{len(holder.loaded)}_{abs(hash(folder))}"
+        if isinstance(holder.model, PeftModel):
+            holder.model.load_adapter(folder, adapter_name=name)
+        else:
+            holder.model = PeftModel.from_pretrained(holder.model, folder, adapter_name=name).eval()
+        holder.loaded[folder] = name
+    name = holder.loaded[folder]
+    holder.model.set_adapter(name)
+    for module in holder.model.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            module.set_scale(name, scale)  # scaling = scale * lora_alpha / r
+
+
+def forget_adapter(holder: HoldsAdapters, folder: str) -> None:
+    """Unload an adapter that is no longer needed (a merged one after scoring)."""
+    name = holder.loaded.pop(str(folder), None)
+    if name is not None:
+        holder.model.delete_adapter(name)
