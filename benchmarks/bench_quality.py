@@ -10,6 +10,8 @@ of a task = merged accuracy / the task's own adapter's accuracy.
 import argparse
 import time
 
+import torch
+
 from coremerge.evaluation import Scores, benchmark
 from coremerge.methods import METHODS
 from coremerge.options import SPACES
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--spaces", nargs="+", default=list(SPACES), choices=list(SPACES))
     args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and never oversubscribes shared cores
     started = time.perf_counter()
     preset = find_preset(args.preset)
     print(f"preset {preset.name}: {len(preset.adapters)} tasks, test split; parameters chosen on validation")
