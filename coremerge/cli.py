@@ -12,6 +12,7 @@ from .errors import CoreMergeError
 from .methods import METHODS
 from .options import DTYPES, SPACES, MergeOptions
 from .pipeline import merge_to_folder
+from .presets import find_preset
 
 EXIT_BAD_INPUT = 2
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
+    merge.add_argument("--preset", metavar="NAME", help="merge a preset's adapters (with its weights) instead")
     merge.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write the adapter to")
     merge.add_argument("--method", default="tsv", choices=list(METHODS), help="merge method (default tsv)")
     merge.add_argument("--space", default="core", choices=SPACES, help="merge space (default core)")
@@ -76,10 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> MergeOptions:
+def sources_and_weights(args: argparse.Namespace) -> tuple[list[str], Optional[list[float]]]:
+    """The SOURCEs and --weights, or a preset's adapters and weights (--weights still wins)."""
+    if args.preset is None:
+        return args.sources, args.weights
+    if args.sources:
+        raise CoreMergeError("--preset: give either a preset or SOURCEs, not both")
+    preset = find_preset(args.preset)
+    return preset.adapter_sources, args.weights or [a.weight for a in preset.adapters]
+
+
+def options_from_args(args: argparse.Namespace, weights: Optional[list[float]]) -> MergeOptions:
     params = {name: getattr(args, name) for name in method_parameter_flags() if getattr(args, name) is not None}
     return MergeOptions.create(
-        method=args.method, space=args.space, weights=args.weights, alpha=args.alpha,
+        method=args.method, space=args.space, weights=weights, alpha=args.alpha,
         isotropize=args.isotropize, rank=args.rank, dtype=args.dtype, **params,
     )
 
@@ -94,7 +106,8 @@ def run_merge(args: argparse.Namespace) -> None:
         bar.update(done - bar.n)
 
     try:
-        report = merge_to_folder(args.sources, options_from_args(args), args.output, progress)
+        sources, weights = sources_and_weights(args)
+        report = merge_to_folder(sources, options_from_args(args, weights), args.output, progress)
     finally:
         if bar is not None:
             bar.close()

@@ -1,5 +1,7 @@
 """Preset files: schema validation with clear messages, listing order, manifests."""
 
+import json
+
 import pytest
 
 from coremerge import CoreMergeError
@@ -80,3 +82,17 @@ def test_normalized_accuracy_by_hand():
     scores = Scores(base={"a": 0.2, "b": 0.5}, individual={"a": 0.8, "b": 1.0}, merged={"a": 0.6, "b": 0.9})
     assert scores.normalized == pytest.approx({"a": 0.75, "b": 0.9})
     assert Scores.mean(scores.normalized) == pytest.approx(0.825)
+
+
+def test_cli_merges_a_preset(tmp_path, capsys):
+    from coremerge.cli import main
+
+    assert main(["merge", "--preset", "digits", "--method", "ta", "--output", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    preset = find_preset("digits")
+    assert [s["source"] for s in report["sources"]] == preset.adapter_sources
+    assert report["weights"] == [a.weight for a in preset.adapters]
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", "--preset", "nope", "--output", str(tmp_path / "x")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("coremerge: error: --preset nope: no such preset; choose one of digits")
