@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from huggingface_hub import constants
 
-from coremerge import CoreMergeError, HubError
+from coremerge import CoreMergeError, HubError, load_adapters
 from coremerge.availability import _hub_has_file, require_available
 from coremerge.presets import PRESETS_DIR, find_preset, list_presets, load_preset
 from coremerge.sources import HUB_ID
@@ -287,3 +287,13 @@ def test_a_cached_file_needs_no_request(online_hub, adapters, tmp_path, empty_ca
         add_to_cache(empty_cache, repo, files)
     online_hub.repos = {}  # the Hub would say "not found" for everything
     require_available(preset)
+
+
+@pytest.mark.parametrize("name", ["tinyllama-tasks", "knots-vit-b32"])
+def test_what_the_check_accepts_the_loader_loads(name, empty_cache, adapters, tmp_path):
+    preset = find_preset(name)
+    for repo, files in repo_files(preset, adapters["plain"], tmp_path).items():
+        add_to_cache(empty_cache, repo, files)
+    require_available(preset)
+    loaded = load_adapters(preset.adapter_sources)
+    assert [(a.origin, a.revision) for a in loaded] == [("hub", COMMIT)] * len(preset.adapters)
