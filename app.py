@@ -84,6 +84,7 @@ def build_app() -> gr.Blocks:
 
 
 demo = build_app()
+handlers.warm_up_in_background(handlers.default_preset())
 
 if __name__ == "__main__":
     demo.launch(theme=gr.themes.Soft())

@@ -111,43 +111,61 @@ def _reference(runner, key: tuple, compute: Callable[[], object]) -> object:
     return memo[key]
 
 
+def _column(runner: Classifier, images: Sequence[LabelledImage], adapter: Optional[str], remember: bool
+            ) -> list[str]:
+    """One variant's label for every image, each with its task's head (one batch per task)."""
+    labels = [""] * len(images)
+    by_task: dict[str, list[int]] = {}
+    for index, image in enumerate(images):
+        by_task.setdefault(image.task, []).append(index)
+    for task, indices in by_task.items():
+        paths = tuple(images[i].path for i in indices)
+
+        def predict(task=task, paths=paths):
+            return runner.predict(task, torch.cat([grayscale_pixels(p) for p in paths]), adapter)
+
+        predicted = _reference(runner, ("predict", adapter, task, paths), predict) if remember else predict()
+        for i, label in zip(indices, predicted):
+            labels[i] = label
+    return labels
+
+
+def _reference_accuracy(runner: Classifier, task: str, adapter: Optional[str]) -> float:
+    return _reference(runner, ("accuracy", adapter, task), lambda: runner.accuracy(task, adapter))
+
+
+def warm_up_classification(runner: Classifier, images: Sequence[LabelledImage], variants: Sequence[Variant]) -> None:
+    """Compute and keep the base's and the individual adapters' results before the first merge."""
+    for variant in variants:
+        _column(runner, images, variant.adapter, remember=True)
+        if variant.task is not None:
+            _reference_accuracy(runner, variant.task, None)
+            _reference_accuracy(runner, variant.task, variant.adapter)
+
+
 def compare_classification(runner: Classifier, images: Sequence[LabelledImage], variants: Sequence[Variant],
                            progress: Progress = lambda stage: None) -> ClassificationComparison:
     """Every variant's label for every sample image (with the image's task head), and per-task test
-    accuracy of the base, each task's own adapter and the merge."""
+    accuracy of the base, each task's own adapter and the merge. `variants[-1]` is the merge."""
+    merged = variants[-1].adapter
     try:
-        by_task: dict[str, list[int]] = {}
-        for index, image in enumerate(images):
-            by_task.setdefault(image.task, []).append(index)
-        predictions = [[""] * len(variants) for _ in images]
-        merged = variants[-1].adapter
-        for column, variant in enumerate(variants):
+        columns = []
+        for variant in variants:
             progress(f"classifying the samples: {variant.name}")
-            for task, indices in by_task.items():
-                paths = tuple(images[i].path for i in indices)
-
-                def predict(task=task, paths=paths, adapter=variant.adapter):
-                    return runner.predict(task, torch.cat([grayscale_pixels(p) for p in paths]), adapter)
-
-                labels = predict() if variant.adapter == merged else _reference(
-                    runner, ("predict", variant.adapter, task, paths), predict)
-                for i, label in zip(indices, labels):
-                    predictions[i][column] = label
+            columns.append(_column(runner, images, variant.adapter, remember=variant.adapter != merged))
         accuracy = []
         for variant in variants[1:-1]:
-            if variant.task is None:
-                continue
-            progress(f"test accuracy: {variant.task}")
-            accuracy.append(TaskAccuracy(
-                task=variant.task,
-                base=_reference(runner, ("accuracy", None, variant.task),
-                                lambda: runner.accuracy(variant.task, None)),
-                individual=_reference(runner, ("accuracy", variant.adapter, variant.task),
-                                      lambda: runner.accuracy(variant.task, variant.adapter)),
-                merged=runner.accuracy(variant.task, merged),
-            ))
+            if variant.task is not None:
+                progress(f"test accuracy: {variant.task}")
+                accuracy.append(TaskAccuracy(
+                    task=variant.task,
+                    base=_reference_accuracy(runner, variant.task, None),
+                    individual=_reference_accuracy(runner, variant.task, variant.adapter),
+                    merged=runner.accuracy(variant.task, merged),
+                ))
     finally:
         _unload_merged(runner, variants)
+    predictions = [list(row) for row in zip(*columns)]
     return ClassificationComparison([v.name for v in variants], list(images), predictions, accuracy)
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from .compare import (ClassificationComparison, TextComparison, compare_classification, compare_text,
-                      sample_images, variants_of)
+from .compare import (ClassificationComparison, TextComparison, Variant, compare_classification, compare_text,
+                      sample_images, variants_of, warm_up_classification)
 from .errors import CoreMergeError
 from .insights import MergeInsights, merge_insights
 from .merge import load_adapter, load_adapters
@@ -159,6 +159,18 @@ def _compare(preset: Preset, rows: Sequence[AdapterRow], sources: Sequence[str],
         if preset.kind == "text-generation":
             return compare_text(runner, prompts, variants, progress)
     raise CoreMergeError(f"preset {preset.name}: comparison of {preset.kind} is not available yet")
+
+
+def warm_up(preset: Preset) -> None:
+    """Load the preset's model and compute the base's and each adapter's results, so that the first merge
+    only has the merged adapter left to run."""
+    if not preset.bundled:
+        return
+    with RUNNER_LOCK:
+        runner = runner_for(preset.name, preset.folder)
+        if preset.kind == "image-classification":
+            variants = [Variant("Base"), *(Variant(a.name, preset.resolve(a.source), a.task) for a in preset.adapters)]
+            warm_up_classification(runner, sample_images(preset.folder, preset.samples.images), variants)
 
 
 def prompts_from_text(text: str) -> tuple[str, ...]:

@@ -116,3 +116,21 @@ def peft_deltas(base_model, folder: Path) -> dict[str, torch.Tensor]:
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "adapter_config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    """The real app (app.py) served on a free local port for the session; yields its URL."""
+    import importlib.util
+    import socket
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("coremerge_app", root / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    app.demo.close()

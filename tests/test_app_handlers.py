@@ -135,3 +135,18 @@ def test_push_needs_a_merge_a_repo_and_a_token_and_never_echoes_the_token(fresh_
     assert app_error(push, key, "me/merged", "  ", True).startswith("Hub token: empty")
     message = app_error(push, key, "me/merged", "hf_secret", True)  # the tests run with HF_HUB_OFFLINE=1
     assert message == "push to me/merged: the Hub is offline here (HF_HUB_OFFLINE=1); download the zip instead"
+
+
+def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(fresh_cache, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    needs_hub = "preset tinyllama-tasks needs the Hugging Face Hub: "
+    works = "; the bundled presets work offline: digits"
+    rows, description, base, prompts = handlers.show_preset("tinyllama-tasks")
+    assert "needs the Hugging Face Hub" in description and prompts["visible"]
+    assert base.startswith(f"⚠️ {needs_hub}") and base.endswith(works)
+    message = app_error(handlers.merge_and_compare, "tinyllama-tasks", rows, "tsv", "core", 1.0, False, None,
+                        prompts["value"], lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
+    assert message.startswith(needs_hub) and message.endswith(works)
+    assert fresh_cache.folders() == []

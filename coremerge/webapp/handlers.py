@@ -5,12 +5,14 @@ Bad input raises `gr.Error` with the library's one-line message; nothing else re
 
 import functools
 import logging
+import threading
 import traceback
 from typing import Optional, Sequence
 
 import gradio as gr
 import spaces
 
+from ..availability import require_available
 from ..errors import CoreMergeError, HubError
 from ..hub_push import push_folder
 from ..merge import load_adapters
@@ -18,7 +20,8 @@ from ..methods import METHODS, Parameter, get_method
 from ..options import MergeOptions
 from ..plots import accuracy_chart, overlap_chart, spectra_chart
 from ..presets import Preset, find_preset, list_presets
-from ..workflow import LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, prompts_from_text, run_merge
+from ..workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, prompts_from_text,
+                        run_merge, warm_up)
 from .cache import ResultCache
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
 
@@ -79,9 +82,8 @@ def offline_presets() -> str:
 def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
     """The base model and ranks, read from the adapters' own configs."""
     try:
+        require_available(preset)
         adapters = load_adapters(sources)
-    except HubError as error:
-        return f"⚠️ {error}. Preset *{preset.name}* needs the Hugging Face Hub; {offline_presets()} work offline."
     except CoreMergeError as error:
         return f"⚠️ {error}"
     ranks = sorted({r for a in adapters for r in a.ranks.values()})
@@ -154,6 +156,19 @@ def build_request(preset_name: str, table, method: str, space: str, alpha: float
     return MergeRequest(preset, adapter_rows(table), options, prompts)
 
 
+def warm_up_in_background(preset_name: str) -> threading.Thread:
+    """Load the default preset's model and its reference results while the page opens."""
+    def run():
+        try:
+            warm_up(find_preset(preset_name))
+        except Exception:  # noqa: BLE001 - the first merge will report the problem to the user
+            log.error("warm-up of %s failed:\n%s", preset_name, traceback.format_exc())
+
+    thread = threading.Thread(target=run, name="coremerge-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def gpu_seconds(request: MergeRequest, workdir, progress=None) -> int:
     """ZeroGPU time to ask for: grows with the adapters and prompts."""
     return 30 + 10 * len(request.adapters) + 5 * len(request.prompts)
@@ -191,6 +206,8 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     key = request.key()
     outcome = CACHE.get(key)
     cached = outcome is not None
+    if outcome is None and [row.source for row in request.adapters] == [a.source for a in request.preset.adapters]:
+        require_available(request.preset)  # the preset's own adapters: say at once if it needs the Hub
     if outcome is None:
         try:
             with CACHE.workdir() as folder:
