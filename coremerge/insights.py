@@ -73,10 +73,10 @@ def merge_insights(inputs: Sequence[Adapter], merged: Adapter, weights: Sequence
 
     overlap = [[0.0] * len(inputs) for _ in inputs]
     for i, first in enumerate(input_svds):
-        for j, second in enumerate(input_svds):
-            shared = [name for name in first if name in second]
-            values = [subspace_overlap(first[name], second[name]) for name in shared]
-            overlap[i][j] = sum(values) / len(values) if values else 0.0
+        for j in range(i, len(input_svds)):  # symmetric
+            second = input_svds[j]
+            values = [subspace_overlap(first[name], second[name]) for name in first if name in second]
+            overlap[i][j] = overlap[j][i] = sum(values) / len(values) if values else 0.0
     return MergeInsights(
         module=module,
         merged_spectrum=merged_svds[module].s.tolist(),
