@@ -6,6 +6,7 @@ import gradio as gr  # noqa: E402
 
 from coremerge.methods import METHODS  # noqa: E402
 from coremerge.options import SPACES  # noqa: E402
+from coremerge.presets import find_preset  # noqa: E402
 from coremerge.webapp import handlers  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
 
@@ -18,6 +19,7 @@ INTRO = ("Merge several LoRA adapters of one base model into one with **Core Spa
 def build_app() -> gr.Blocks:
     start_preset = handlers.default_preset()
     start_rows, start_description, start_base, start_prompts, is_text = handlers.preset_view(start_preset)
+    start = find_preset(start_preset).merge
     with gr.Blocks(title="coremerge", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Row():
@@ -32,18 +34,19 @@ def build_app() -> gr.Blocks:
                 base_model = gr.Markdown(start_base)
                 prompts = gr.Textbox(start_prompts, visible=is_text, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
-                method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value="tsv", label="Method")
-                method_text = gr.Markdown(handlers.method_info("tsv"))
-                space = gr.Radio(list(SPACES), value="core", label="Space",
+                method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value=start.method,
+                                     label="Method")
+                method_text = gr.Markdown(handlers.method_info(start.method))
+                space = gr.Radio(list(SPACES), value=start.space, label="Space",
                                  info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
-                alpha = gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="alpha (global scale of the merged update)")
+                alpha = gr.Slider(0.05, 3.0, value=start.alpha, step=0.05, label="alpha (global scale of the merged update)")
                 with gr.Accordion("Advanced", open=False):
                     isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
                     rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
                     parameters = [
                         gr.Number(p.default, label=f"{p.name.replace('_', ' ')}: {p.help}", minimum=p.low,
                                   maximum=p.high, precision=0 if p.kind is int else None,
-                                  visible=p.name in METHODS["tsv"].defaults())
+                                  visible=p.name in METHODS[start.method].defaults())
                         for p in handlers.PARAMETERS
                     ]
                 go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
@@ -70,7 +73,7 @@ def build_app() -> gr.Blocks:
                 pushed = gr.Markdown()
         last_merge = gr.State(None)
 
-        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts])
+        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha])
         method.change(handlers.show_method, method, [method_text, *parameters])
         go.click(
             handlers.merge_and_compare,

@@ -53,6 +53,14 @@ class Samples(_Strict):
     generation: dict = Field(default_factory=dict)
 
 
+class MergeDefaults(_Strict):
+    """The merge settings the app starts from for this preset (e.g. an alpha chosen on a validation split)."""
+
+    method: str = "tsv"
+    space: Literal["core", "full", "knots"] = "core"
+    alpha: float = 1.0
+
+
 class Preset(_Strict):
     """A preset file's content; `folder` (not in the file) is where relative paths start."""
 
@@ -63,6 +71,7 @@ class Preset(_Strict):
     base_model: str  # a Hub ID or a path relative to the preset file
     adapters: list[PresetAdapter] = Field(min_length=1)
     samples: Samples = Field(default_factory=Samples)
+    merge: MergeDefaults = Field(default_factory=MergeDefaults)
     bundled: bool = False  # True: every file ships in the repo and works offline
     folder: Path = Path(".")
 

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from .errors import CoreMergeError
+from .limits import LIMITS
 from .presets import Preset, find_preset
 
 
@@ -49,14 +50,16 @@ class CausalLMRunner:
         self._forget(self, adapter)
 
 
-def build_runner(preset: Preset):
-    """The comparison model of a preset: the bundled evaluators, or a Hub causal LM."""
+def build_runner(preset: Preset, max_new_tokens: int = LIMITS.new_tokens):
+    """The comparison model of a preset: the bundled evaluators, or a Hub causal LM (answers capped at
+    `max_new_tokens`)."""
     if preset.bundled:
         from .evaluation import evaluator_for
 
         return evaluator_for(preset)
     if preset.kind == "text-generation":
-        return CausalLMRunner(preset.base_model, int(preset.samples.generation.get("max_new_tokens", 64)))
+        wanted = int(preset.samples.generation.get("max_new_tokens", 64))
+        return CausalLMRunner(preset.base_model, min(wanted, max_new_tokens))
     raise CoreMergeError(f"preset {preset.name}: side-by-side comparison of {preset.kind} Hub presets "
                          "is not available yet; the merge itself works")
 

@@ -14,6 +14,7 @@ from .compare import (ClassificationComparison, TextComparison, Variant, compare
                       sample_images, variants_of, warm_up_classification)
 from .errors import CoreMergeError
 from .insights import MergeInsights, merge_insights
+from .limits import LIMITS, Limits
 from .merge import load_adapter, load_adapters
 from .options import MergeOptions
 from .package import code_snippet, model_card, write_model_card, zip_folder
@@ -24,16 +25,6 @@ from .runners import RUNNER_LOCK, runner_for
 Progress = Callable[[float, str], None]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (stated in the UI)."""
-
-    adapters: int = 10
-    prompts: int = 8
-    prompt_chars: int = 400
-
-
-LIMITS = Limits()
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def test_preset_view_lists_the_default_preset_and_reads_the_base_model_from_the_
     assert rows == [[a.source, a.name, 1.0] for a in DIGITS.adapters]
     assert base.startswith("**Base model** `coremerge/digits-vit` (from the adapters' configs) · 8 adapters · rank 8")
     assert "works offline" in description and not is_text
+    assert handlers.show_preset("digits")[4:] == ("tsv", "core", 0.3)  # the preset's merge defaults
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -143,7 +144,7 @@ def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(f
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     needs_hub = "preset tinyllama-tasks needs the Hugging Face Hub: "
     works = "; the bundled presets work offline: digits"
-    rows, description, base, prompts = handlers.show_preset("tinyllama-tasks")
+    rows, description, base, prompts, method, space, alpha = handlers.show_preset("tinyllama-tasks")
     assert "needs the Hugging Face Hub" in description and prompts["visible"]
     assert base.startswith(f"⚠️ {needs_hub}") and base.endswith(works)
     message = app_error(handlers.merge_and_compare, "tinyllama-tasks", rows, "tsv", "core", 1.0, False, None,

@@ -105,9 +105,11 @@ def preset_view(name: str) -> tuple[list[list], str, str, str, bool]:
 
 @user_errors
 def show_preset(name: str):
-    """Preset picked: its adapter rows, description, base model, prompts (shown for text presets only)."""
+    """Preset picked: its adapter rows, description, base model, prompts (text presets only), merge defaults."""
     rows, description, base, prompts, is_text = preset_view(name)
-    return rows, description, base, gr.update(value=prompts, visible=is_text)
+    defaults = find_preset(name).merge
+    return (rows, description, base, gr.update(value=prompts, visible=is_text),
+            defaults.method, defaults.space, defaults.alpha)
 
 
 def method_info(method: str) -> str:
@@ -232,4 +234,5 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 
 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
-               f"{LIMITS.prompt_chars} characters; sample images come from the preset.")
+               f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens; sample images "
+               "come from the preset.")

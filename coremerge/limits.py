@@ -1,0 +1,16 @@
+"""What one app request may ask for, in one place (the UI states these)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (stated in the UI)."""
+
+    adapters: int = 10
+    prompts: int = 8
+    prompt_chars: int = 400
+    new_tokens: int = 128  # generated per prompt and variant
+
+
+LIMITS = Limits()
