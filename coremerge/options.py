@@ -84,6 +84,11 @@ class MergeOptions:
             )
         return self.weights
 
+    def __reduce__(self):
+        """Pickle the read-only params as a plain dict (ZeroGPU sends the options to another process)."""
+        return _rebuild, (self.method, self.space, self.weights, self.alpha, dict(self.params), self.isotropize,
+                          self.rank, self.dtype)
+
     def as_dict(self) -> dict:
         return {
             "method": self.method,
@@ -95,6 +100,10 @@ class MergeOptions:
             "rank": self.rank,
             "dtype": self.dtype,
         }
+
+
+def _rebuild(method, space, weights, alpha, params, isotropize, rank, dtype) -> MergeOptions:
+    return MergeOptions(method, space, weights, alpha, MappingProxyType(params), isotropize, rank, dtype)
 
 
 __all__ = ["MergeOptions", "SPACES", "DTYPES", "METHODS"]

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Protocol, Sequence, Union
 
 from .compare import (ClassificationComparison, TextComparison, Variant, compare_classification, compare_text,
                       sample_images, variants_of, warm_up_classification)
@@ -22,7 +22,16 @@ from .pipeline import merge_to_folder
 from .presets import Preset
 from .runners import RUNNER_LOCK, runner_for
 
-Progress = Callable[[float, str], None]
+
+
+class Progress(Protocol):
+    """gr.Progress's call: a fraction done and what is being done (a gr.Progress pickles, for ZeroGPU)."""
+
+    def __call__(self, fraction: float, desc: str = "") -> None: ...
+
+
+def no_progress(fraction: float, desc: str = "") -> None:
+    pass
 
 
 
@@ -87,8 +96,7 @@ def check_request(request: MergeRequest, limits: Limits = LIMITS) -> None:
                                      f"{limits.prompt_chars}")
 
 
-def run_merge(request: MergeRequest, workdir: Path, progress: Progress = lambda fraction, text: None
-              ) -> MergeOutcome:
+def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_progress) -> MergeOutcome:
     """Merge the request's adapters into `workdir`, explain and compare the merge, and package it."""
     check_request(request)
     preset, rows = request.preset, request.adapters
@@ -97,23 +105,23 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = lambda 
     options = replace(request.options, weights=tuple(float(row.weight) for row in rows))
     seconds, started = {}, time.perf_counter()
 
-    progress(0.0, "loading and merging the adapters")
+    progress(0.0, desc="loading and merging the adapters")
     folder = Path(workdir) / "merged-adapter"
     report = merge_to_folder(sources, options, folder,
-                             lambda done, total: progress(0.3 * done / total, f"merging module {done}/{total}"))
+                             lambda done, total: progress(0.3 * done / total, desc=f"merging module {done}/{total}"))
     seconds["merge"] = time.perf_counter() - started
 
-    progress(0.3, "computing spectra and subspace overlaps")
+    progress(0.3, desc="computing spectra and subspace overlaps")
     clock = time.perf_counter()
     insights = merge_insights(load_adapters(sources), load_adapter(str(folder)), options.weights_for(len(rows)))
     seconds["explain"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     comparison = _compare(preset, rows, sources, names, folder, request.prompts,
-                          lambda text: progress(0.45, text))
+                          lambda text: progress(0.45, desc=text))
     seconds["compare"] = time.perf_counter() - clock
 
-    progress(0.95, "writing the model card and the zip")
+    progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
     base_path = preset.base_model_path if preset.bundled else None
     snippet = code_snippet(report["base_model"] or preset.base_model, "merged-adapter", preset.kind, base_path)
@@ -122,7 +130,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = lambda 
     zip_path = zip_folder(folder, Path(workdir) / f"coremerge-{report['method']}-{report['space']}")
     seconds["package"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
-    progress(1.0, "done")
+    progress(1.0, desc="done")
     return MergeOutcome(report, names, comparison, insights, folder, zip_path, snippet,
                         {k: round(v, 3) for k, v in seconds.items()})
 

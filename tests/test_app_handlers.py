@@ -151,3 +151,20 @@ def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(f
                         prompts["value"], lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
     assert message.startswith(needs_hub) and message.endswith(works)
     assert fresh_cache.folders() == []
+
+
+def test_the_gpu_function_arguments_and_result_pickle_for_zerogpu(tmp_path):
+    """ZeroGPU runs `run_merge` in another process: what goes in and what comes out must pickle."""
+    import pickle
+
+    from coremerge.workflow import run_merge
+
+    request = handlers.build_request("digits", THREE_ROWS[:2], "dare", "core", 0.5, True, 4, "",
+                                     [0.7 if p.name == "density" else p.default for p in handlers.PARAMETERS])
+    arguments = pickle.loads(pickle.dumps((request, tmp_path, gr.Progress())))
+    assert arguments[0] == request and arguments[0].options.params == {"density": 0.7, "seed": 0}
+    outcome = run_merge(request, tmp_path)
+    restored = pickle.loads(pickle.dumps(outcome))
+    assert restored.report == outcome.report and restored.comparison == outcome.comparison
+    assert restored.insights == outcome.insights and restored.zip_path == outcome.zip_path
+    assert {m["output_rank"] for m in outcome.report["modules"].values()} == {4}  # the rank control reached it

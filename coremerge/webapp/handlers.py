@@ -213,7 +213,7 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     if outcome is None:
         try:
             with CACHE.workdir() as folder:
-                outcome = run_merge_on_device(request, folder, lambda f, text: progress(f, desc=text))
+                outcome = run_merge_on_device(request, folder, progress)  # all three pickle (ZeroGPU)
                 outcome = CACHE.put(key, outcome, folder)
         except HubError as error:
             if request.preset.bundled:
