@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from typing import Optional
 
 from huggingface_hub import HfApi, constants
 
@@ -22,7 +23,7 @@ def _without(secret: str, text: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def push_folder(folder: Path, repo_id: str, token: str, private: bool = True) -> str:
+def push_folder(folder: Path, repo_id: str, token: str, private: bool = True, endpoint: Optional[str] = None) -> str:
     """Create the model repo (private by default) if needed and upload the folder; returns its URL.
 
     Raises:
@@ -35,11 +36,11 @@ def push_folder(folder: Path, repo_id: str, token: str, private: bool = True) ->
         raise CoreMergeError("Hub token: empty; paste a token with write access (https://huggingface.co/settings/tokens)")
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"push to {repo_id}: the Hub is offline here (HF_HUB_OFFLINE=1); download the zip instead")
-    api = HfApi(token=token)
+    api = HfApi(token=token, endpoint=endpoint)  # endpoint: a private Hub, default huggingface.co
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload merged LoRA (coremerge)")
     except Exception as error:  # noqa: BLE001 - HTTP, connection and validation errors alike: one line, no token
-        first_line = _without(token, str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise HubError(f"push to {repo_id}: {first_line}") from None  # no chained traceback that holds the token
+        why = " ".join(str(error).split()) or type(error).__name__  # the Hub's explanation is on later lines
+        raise HubError(f"push to {repo_id}: {_without(token, why)}") from None  # no chained error holding the token
     return str(url)
