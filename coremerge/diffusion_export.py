@@ -1,0 +1,48 @@
+"""Write a merged Stable Diffusion LoRA as one diffusers-format file that `pipe.load_lora_weights` loads."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import Adapter
+from .diffusion_format import COMPONENTS, DIFFUSERS_METADATA_KEY, TEXT_ENCODERS, TEXT_MODEL
+from .export import peft_config, stored_factors
+from .merge import MergedModule
+from .sources import DIFFUSERS_WEIGHT_NAME
+
+
+def diffusers_key(name: str) -> str:
+    """A module's key prefix in the file: `unet.<module>` as is; CLIP modules with `text_model.` put back,
+    which diffusers strips for transformers 5's flattened CLIP and keeps for older ones."""
+    component, _, local = name.partition(".")
+    return f"{component}.{TEXT_MODEL}{local}" if component in TEXT_ENCODERS else name
+
+
+def diffusers_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's factors under diffusers' peft-style keys (`unet.<module>.lora_A.weight`), conv kernels restored."""
+    a, b = stored_factors(module, dtype)
+    key = diffusers_key(module.name)
+    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+
+
+def diffusers_metadata(ranks: dict[str, int], like: Adapter) -> dict[str, str]:
+    """The safetensors header: per component a scaling-1 LoraConfig (`unet.r`, `unet.lora_alpha`,
+    `unet.rank_pattern`, ...), as diffusers' `save_lora_weights` packs it, so that diffusers need not guess."""
+    packed: dict[str, object] = {}
+    for component in COMPONENTS:
+        local = {name.partition(".")[2]: k for name, k in ranks.items() if name.partition(".")[0] == component}
+        if local:
+            config = peft_config(local, None, like)
+            packed.update({f"{component}.{field}": value for field, value in config.items()})
+    return {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+
+
+def write_diffusers_file(folder: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int], like: Adapter,
+                         name: Optional[str] = None) -> Path:
+    """`pytorch_lora_weights.safetensors` (or `name`) in `folder`; returns its path."""
+    path = folder / (name or DIFFUSERS_WEIGHT_NAME)
+    save_file(tensors, str(path), metadata=diffusers_metadata(ranks, like))
+    return path
