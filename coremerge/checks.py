@@ -47,12 +47,12 @@ def check_same_family(adapters: Sequence[Adapter]) -> None:
         if (adapter.family is None) != (first.family is None):
             diffusion, other = (adapter, first) if adapter.family is not None else (first, adapter)
             raise IncompatibleAdaptersError(
-                f"{diffusion.source} is a {diffusion.family} diffusion LoRA but {other.source} is not; "
+                f"{diffusion.source} is a diffusion LoRA ({diffusion.family}) but {other.source} is not; "
                 "only adapters of the same base model can be merged"
             )
         if adapter.family is not None and not same_family(adapter.family, first.family):
             raise IncompatibleAdaptersError(
-                f"{adapter.source} is a {adapter.family} LoRA but {first.source} is a {first.family} LoRA; "
+                f"{adapter.source} is a LoRA for {adapter.family} but {first.source} is for {first.family}; "
                 "only LoRAs of the same base model can be merged"
             )
 

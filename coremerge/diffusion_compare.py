@@ -1,7 +1,8 @@
 """Text-to-image comparison: base, each LoRA (with its trigger words) and the merged LoRA, on one loaded pipeline.
 
-Every adapter is loaded once with `load_lora_weights(..., adapter_name=...)`; variants are switched with
-`set_adapters` / `disable_lora`, never by reloading the base model. Arguments and results are plain
+Every adapter is loaded once with `load_lora_weights(..., adapter_name=...)`: each LoRA as coremerge reads it
+(the update that goes into the merge, in any input format), the merged LoRA from the file `coremerge merge`
+wrote. Variants are switched with `set_adapters` / `disable_lora`, never by reloading the base model. Arguments and results are plain
 dataclasses, strings and PIL images, so they pickle (ZeroGPU runs the GPU function in another process).
 """
 
@@ -12,6 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL.Image import Image
 
+from .diffusion_export import folded_state_dict
+from .merge import load_adapter
 from .sources import resolve_source
 
 BASE = "base"
@@ -89,10 +92,10 @@ def compare_images(
     loaded: list[str] = []
     try:
         for index, lora in enumerate(loras):
-            loaded.append(_load(pipe, lora.source, f"{ADAPTER_PREFIX}{index}"))
+            loaded.append(_load(pipe, folded_state_dict(load_adapter(lora.source)), f"{ADAPTER_PREFIX}{index}"))
             variants.append(_Variant(lora.name, loaded[-1], lora.trigger_words))
         if merged is not None:
-            loaded.append(_load(pipe, str(merged), f"{ADAPTER_PREFIX}merged"))
+            loaded.append(_load(pipe, _weights_file(str(merged)), f"{ADAPTER_PREFIX}merged"))
             variants.append(_Variant(merged_name, loaded[-1], merged_trigger_words))
         columns = [[_generate(pipe, variant, prompt, settings) for prompt in prompts] for variant in variants]
     finally:
@@ -106,13 +109,19 @@ def compare_images(
     )
 
 
-def _load(pipe, source: str, adapter_name: str) -> str:
-    """Load a LoRA file onto the pipeline under `adapter_name` (replacing a leftover of that name)."""
+def _weights_file(source: str) -> Path:
     path = Path(source)
-    weights = path if path.is_file() else resolve_source(source).weights_path
+    return path if path.is_file() else resolve_source(source).weights_path
+
+
+def _load(pipe, weights: Union[Path, dict], adapter_name: str) -> str:
+    """Load a LoRA file or state dict onto the pipeline under `adapter_name` (replacing a leftover of that name)."""
     if any(adapter_name in names for names in pipe.get_list_adapters().values()):
         pipe.delete_adapters([adapter_name])
-    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
+    if isinstance(weights, dict):
+        pipe.load_lora_weights(weights, adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
     return adapter_name
 
 

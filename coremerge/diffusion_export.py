@@ -46,3 +46,20 @@ def write_diffusers_file(folder: Path, tensors: dict[str, torch.Tensor], ranks: 
     path = folder / (name or DIFFUSERS_WEIGHT_NAME)
     save_file(tensors, str(path), metadata=diffusers_metadata(ranks, like))
     return path
+
+
+def folded_state_dict(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One input LoRA as coremerge reads it (scaling folded into lora_B, so s = 1), under diffusers' peft-style keys.
+
+    `pipe.load_lora_weights(folded_state_dict(adapter), adapter_name=...)` then applies exactly the update that
+    goes into the merge, whatever the file's format (and whatever quirks diffusers has in converting it).
+    """
+    tensors = {}
+    with adapter.open() as reader:
+        for name, spec in adapter.modules.items():
+            factors = adapter.read_factors(reader, name)
+            key = diffusers_key(name)
+            tensors[f"{key}.lora_A.weight"] = factors.a.reshape(spec.rank, *spec.a_shape[1:]).to(dtype).contiguous()
+            tensors[f"{key}.lora_B.weight"] = factors.b.reshape(spec.b_shape[0], spec.rank, *spec.b_shape[2:]).to(
+                dtype).contiguous()
+    return tensors

@@ -122,6 +122,8 @@ def unet_to_sgm(name: str, layers_per_block: int = 2) -> str:
     def resnet(rest: str) -> str:
         return resnet_parts.get(rest, rest)
 
+    if name in ("conv_in", "conv_out"):
+        return {"conv_in": "input_blocks.0.0", "conv_out": "out.2"}[name]
     if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
         block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
         sgm = 1 + block * (layers_per_block + 1) + index
@@ -135,6 +137,8 @@ def unet_to_sgm(name: str, layers_per_block: int = 2) -> str:
         block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
         sgm = block * (layers_per_block + 1) + index
         return f"output_blocks.{sgm}.{0 if kind == 'resnets' else 1}.{resnet(rest) if kind == 'resnets' else rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", name):  # of a block with attentions
+        return f"output_blocks.{int(m[1]) * (layers_per_block + 1) + layers_per_block}.2.conv"
     raise ValueError(f"no sgm name for {name} in this test helper")
 
 
