@@ -50,9 +50,13 @@ def check_same_family(adapters: Sequence[Adapter]) -> None:
                 f"{diffusion.source} is a diffusion LoRA ({diffusion.family}) but {other.source} is not; "
                 "only adapters of the same base model can be merged"
             )
-        if adapter.family is not None and not same_family(adapter.family, first.family):
+    if first.family is None:
+        return
+    for index, adapter in enumerate(adapters):  # each against every earlier one: UNKNOWN matches any family
+        other = next((a for a in adapters[:index] if not same_family(a.family, adapter.family)), None)
+        if other is not None:
             raise IncompatibleAdaptersError(
-                f"{adapter.source} is a LoRA for {adapter.family} but {first.source} is for {first.family}; "
+                f"{adapter.source} is a LoRA for {adapter.family} but {other.source} is for {other.family}; "
                 "only LoRAs of the same base model can be merged"
             )
 

@@ -358,3 +358,26 @@ def test_comparison_gives_one_image_per_prompt_and_variant_on_one_pipeline(loras
     assert not any(pipe.get_list_adapters().values())  # the pipeline is left as it was
     again = pickle.loads(pickle.dumps(grid))  # ZeroGPU sends results between processes
     assert np.array_equal(np.asarray(again.images[1][3]), pixels[1][3])
+
+
+def test_family_is_checked_against_every_earlier_lora(capsys, tmp_path, loras):
+    """An SD 1.x and an SDXL LoRA with a version-less one first: still refused."""
+    sd15 = real_width_kohya(tmp_path / "sd15.safetensors", sdxl=False)
+    sdxl = real_width_kohya(tmp_path / "sdxl.safetensors", sdxl=True)
+    expect_error(capsys, tmp_path, [loras["files"]["peft_unet"], sd15, sdxl],
+                 f"{sdxl} is a LoRA for SDXL but {sd15} is for SD 1.x")
+
+
+def test_hub_repos_of_diffusion_loras_resolve(loras, tmp_path, monkeypatch):
+    """A diffusers repo (pytorch_lora_weights.safetensors, no adapter_config.json) by its ID, a kohya file by path."""
+    from huggingface_hub import constants
+
+    from test_hub import COMMIT, add_to_cache
+
+    add_to_cache(tmp_path, "org/watercolor-xl", {"pytorch_lora_weights.safetensors": loras["files"]["diffusers_sdxl"]})
+    add_to_cache(tmp_path, "org/pixel-xl", {"pixel-xl.safetensors": loras["files"]["kohya_sdxl"]})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    diffusers_lora = load_adapter("org/watercolor-xl")
+    kohya_lora = load_adapter("org/pixel-xl/pixel-xl.safetensors")
+    assert (diffusers_lora.format, diffusers_lora.origin, diffusers_lora.revision) == ("diffusers", "hub", COMMIT)
+    assert (kohya_lora.format, kohya_lora.family) == ("kohya", SDXL)
