@@ -13,12 +13,15 @@ from .export import peft_config, stored_factors
 from .merge import MergedModule
 from .sources import DIFFUSERS_WEIGHT_NAME
 
+CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")  # text_projection sits beside text_model
+
 
 def diffusers_key(name: str) -> str:
-    """A module's key prefix in the file: `unet.<module>` as is; CLIP modules with `text_model.` put back,
-    which diffusers strips for transformers 5's flattened CLIP and keeps for older ones."""
+    """A module's key prefix in the file: `unet.<module>` as is; CLIP's inner modules with `text_model.` put back,
+    as every SD LoRA on the Hub has it (diffusers strips it again for transformers 5's flattened CLIPTextModel)."""
     component, _, local = name.partition(".")
-    return f"{component}.{TEXT_MODEL}{local}" if component in TEXT_ENCODERS else name
+    inner = component in TEXT_ENCODERS and local.startswith(CLIP_TEXT_MODEL_CHILDREN)
+    return f"{component}.{TEXT_MODEL}{local}" if inner else name
 
 
 def diffusers_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -95,7 +95,7 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
     for (component, local), parts in sorted(_group(renamed, ignored).items()):
         name = f"{component}.{local.removeprefix(TEXT_MODEL)}"
         if component in configs:  # diffusers' own LoraConfig: r, lora_alpha, patterns, rsLoRA
-            spec = module_spec(source, configs[component], local, parts, shapes)
+            spec = module_spec(source, configs[component], local, parts, shapes, DIFFUSERS_METADATA_KEY)
         else:  # kohya: s = alpha / r; diffusers files without metadata: s = 1, as diffusers loads them
             alpha = alphas.get(parts["lora_A"].split(".")[0] + ".alpha") if kohya else None
             spec = _plain_spec(source, local, parts, shapes, alpha)

@@ -152,7 +152,10 @@ def _group_lora_keys(source: str, shapes: dict) -> tuple[dict[str, dict[str, str
     return dict(grouped), ignored
 
 
-def module_spec(source: str, config: dict, name: str, parts: dict[str, str], shapes: dict) -> ModuleSpec:
+def module_spec(source: str, config: dict, name: str, parts: dict[str, str], shapes: dict,
+                config_name: str = CONFIG_NAME) -> ModuleSpec:
+    """One module's spec from a LoraConfig dict: rank checked against the weights, scaling from r / alpha
+    (patterns resolved as peft does, rsLoRA included). `config_name` names the config in error messages."""
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     for part in (a_part, b_part):
@@ -169,7 +172,7 @@ def module_spec(source: str, config: dict, name: str, parts: dict[str, str], sha
     alpha = _resolve_pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
     if configured_rank != rank:
         raise AdapterFormatError(
-            f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {CONFIG_NAME}"
+            f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {config_name}"
         )
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")

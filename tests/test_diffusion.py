@@ -75,10 +75,13 @@ def loras(tmp_path_factory, tokenizer) -> dict:
     unet_config = lora(DIFFUSERS_SDXL_UNET, r=3, alpha=6,
                        rank_pattern={"^up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k": 2})
     te_config = lora(["q_proj", "k_proj", "out_proj"], r=2, alpha=1)
-    state = add_lora(pipe, {"unet": unet_config, "text_encoder": te_config}, seed=2)
+    te2_config = lora(["v_proj", "text_projection"], r=2, alpha=2)  # text_projection: beside text_model, not in it
+    state = add_lora(pipe, {"unet": unet_config, "text_encoder": te_config, "text_encoder_2": te2_config}, seed=2)
     pipe.save_lora_weights(root / "style_b", unet_lora_layers=state["unet"], text_encoder_lora_layers=state["text_encoder"],
+                           text_encoder_2_lora_layers=state["text_encoder_2"],
                            unet_lora_adapter_metadata=unet_config.to_dict(),
-                           text_encoder_lora_adapter_metadata=te_config.to_dict())
+                           text_encoder_lora_adapter_metadata=te_config.to_dict(),
+                           text_encoder_2_lora_adapter_metadata=te2_config.to_dict())
     made["diffusers_sdxl"] = root / "style_b" / "pytorch_lora_weights.safetensors"
     deltas["diffusers_sdxl"] = lora_deltas(pipe)
 
@@ -136,7 +139,7 @@ def canonical_updates(source) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind, fmt, family", [
     ("kohya_sdxl", "kohya", SDXL),
-    ("diffusers_sdxl", "diffusers", UNKNOWN),  # unet + text_encoder only, tiny widths: nothing tells the version
+    ("diffusers_sdxl", "diffusers", SDXL),  # told by its text_encoder_2 modules
     ("kohya_sd15", "kohya", UNKNOWN),
     ("peft_unet", "peft", UNKNOWN),
     ("diffusers_old_sdxl", "diffusers-old", UNKNOWN),
@@ -224,7 +227,8 @@ def test_kohya_and_diffusers_sdxl_merge_into_a_file_diffusers_loads(method, spac
 def module_weight(pipe, name):
     component, _, local = name.partition(".")
     model = getattr(pipe, component)
-    module = model.get_submodule(f"text_model.{local}" if hasattr(model, "text_model") else local)
+    inner = component.startswith("text_encoder") and hasattr(model, "text_model") and not local.startswith("text_proj")
+    module = model.get_submodule(f"text_model.{local}" if inner else local)
     module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     return module.weight.detach().to(torch.float64).reshape(module.weight.shape[0], -1).clone()
 
