@@ -305,6 +305,8 @@ KOHYA_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
               f"{KOHYA_Q}.dora_scale": (1, 8)},
      f"DoRA (dora_scale) adapter (tensor {KOHYA_Q}.dora_scale); its update is not a plain low-rank product, "
      "so coremerge refuses to merge it"),
+    ("IA3", {f"{KOHYA_Q}.weight": (8,), f"{KOHYA_Q}.on_input": ()},  # LyCORIS (IA)^3
+     f"IA3 (LyCORIS) adapter (tensor {KOHYA_Q}.on_input)"),
     ("Flux", {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": (2, 8),
               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": (8, 2)},
      "LoRA for a transformer-based diffusion model such as Flux or SD3 (tensor transformer.single_transformer_blocks"),
