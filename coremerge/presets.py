@@ -34,10 +34,23 @@ class SampleImage(_Strict):
     label: str
 
 
+class SampleDataset(_Strict):
+    """Where a Hub preset's images for one task come from: a Hub dataset (`datasets.load_dataset` arguments)."""
+
+    task: str
+    source: str  # a Hub dataset ID, org/name
+    subset: Optional[str] = None  # the dataset's configuration name, if it has several
+    split: str = "test"
+
+
 class Samples(_Strict):
     prompts: list[str] = Field(default_factory=list)
     images: list[SampleImage] = Field(default_factory=list)
-    generation: dict = Field(default_factory=dict)  # max_new_tokens, steps, guidance, size, seed ...
+    datasets: list[SampleDataset] = Field(default_factory=list)  # image classification on the Hub
+    # Keyword arguments of the generating call plus a seed: text, transformers' generate()
+    # (max_new_tokens, do_sample, repetition_penalty ...); images, the diffusers pipeline
+    # (num_inference_steps, guidance_scale, width, height).
+    generation: dict = Field(default_factory=dict)
 
 
 class Preset(_Strict):

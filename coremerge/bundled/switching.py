@@ -22,10 +22,13 @@ def activate_adapter(holder: HoldsAdapters, folder: str, scale: float = 1.0) -> 
             holder.model = PeftModel.from_pretrained(holder.model, folder, adapter_name=name).eval()
         holder.loaded[folder] = name
     name = holder.loaded[folder]
+    if getattr(holder, "_active", None) == (name, scale):
+        return  # already active at that scale: skip peft's walks over every module
     holder.model.set_adapter(name)
     for module in holder.model.modules():
         if isinstance(module, LoraLayer) and name in module.scaling:
             module.set_scale(name, scale)  # scaling = scale * lora_alpha / r
+    holder._active = (name, scale)
 
 
 def forget_adapter(holder: HoldsAdapters, folder: str) -> None:
@@ -33,3 +36,4 @@ def forget_adapter(holder: HoldsAdapters, folder: str) -> None:
     name = holder.loaded.pop(str(folder), None)
     if name is not None:
         holder.model.delete_adapter(name)
+        holder._active = None  # peft may have switched to another adapter

@@ -1,0 +1,89 @@
+"""coremerge's Gradio app: UI wiring only; the handlers live in coremerge.webapp.handlers."""
+
+import spaces  # noqa: F401  - must come before torch on ZeroGPU
+
+import gradio as gr  # noqa: E402
+
+from coremerge.methods import METHODS  # noqa: E402
+from coremerge.options import SPACES  # noqa: E402
+from coremerge.webapp import handlers  # noqa: E402
+from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
+
+TITLE = "coremerge: merge LoRA adapters in Core Space"
+INTRO = ("Merge several LoRA adapters of one base model into one with **Core Space merging** "
+         "([Panariello et al., NeurIPS 2025](https://arxiv.org/abs/2509.17786)), and see the base model, every "
+         "adapter and the merge side by side. Pick a preset or edit the adapter list (Hub IDs or paths).")
+
+
+def build_app() -> gr.Blocks:
+    start_preset = handlers.default_preset()
+    start_rows, start_description, start_base, start_prompts, is_text = handlers.preset_view(start_preset)
+    with gr.Blocks(title="coremerge", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                preset = gr.Dropdown(handlers.preset_choices(), value=start_preset, label="Preset")
+                description = gr.Markdown(start_description)
+                adapters = gr.Dataframe(
+                    value=start_rows, headers=handlers.ADAPTER_COLUMNS, datatype=["str", "str", "number"],
+                    type="array", interactive=True, label="Adapters (one row each; add or remove rows)",
+                    column_count=(3, "fixed"), row_count=(len(start_rows), "dynamic"),
+                )
+                base_model = gr.Markdown(start_base)
+                prompts = gr.Textbox(start_prompts, visible=is_text, lines=4, label="Prompts (one per line; \\n = newline)")
+            with gr.Column(scale=2):
+                method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value="tsv", label="Method")
+                method_text = gr.Markdown(handlers.method_info("tsv"))
+                space = gr.Radio(list(SPACES), value="core", label="Space",
+                                 info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
+                alpha = gr.Slider(0.05, 3.0, value=1.0, step=0.05, label="alpha (global scale of the merged update)")
+                with gr.Accordion("Advanced", open=False):
+                    isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
+                    rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
+                    parameters = [
+                        gr.Number(p.default, label=f"{p.name.replace('_', ' ')}: {p.help}", minimum=p.low,
+                                  maximum=p.high, precision=0 if p.kind is int else None,
+                                  visible=p.name in METHODS["tsv"].defaults())
+                        for p in handlers.PARAMETERS
+                    ]
+                go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
+                gr.Markdown(handlers.LIMITS_TEXT)
+
+        summary = gr.Markdown(elem_id="summary")
+        with gr.Tab("Side by side"):
+            comparison = gr.HTML(elem_id="comparison")
+            accuracy = gr.Plot(label="Per-task accuracy", visible=False)
+        with gr.Tab("Merge report"):
+            report = gr.Markdown(elem_id="report")
+            with gr.Row():
+                spectra = gr.Plot(label="Singular value spectra")
+                overlap = gr.Plot(label="Subspace overlap")
+            ranks = gr.Dataframe(headers=RANK_COLUMNS, label="Ranks per module", interactive=False)
+        with gr.Tab("Download & share"):
+            download = gr.File(label="Merged adapter (peft folder, merge_report.json, model card)")
+            snippet = gr.Code(language="python", label="Use it in code")
+            with gr.Group():
+                repo = gr.Textbox(label="Hub repository (owner/name)", placeholder="my-name/merged-lora")
+                token = gr.Textbox(label="Hub token (write access; used once, never stored)", type="password")
+                private = gr.Checkbox(True, label="Private repository")
+                push = gr.Button("Push to the Hub")
+                pushed = gr.Markdown()
+        last_merge = gr.State(None)
+
+        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts])
+        method.change(handlers.show_method, method, [method_text, *parameters])
+        go.click(
+            handlers.merge_and_compare,
+            [preset, adapters, method, space, alpha, isotropize, rank, prompts, *parameters],
+            [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
+            concurrency_limit=1, concurrency_id="merge",
+        )
+        push.click(handlers.push_to_hub, [last_merge, repo, token, private], pushed, concurrency_limit=2)
+    demo.queue(max_size=32)
+    return demo
+
+
+demo = build_app()
+
+if __name__ == "__main__":
+    demo.launch(theme=gr.themes.Soft())

@@ -1,0 +1,169 @@
+"""Base, each adapter and the merged adapter side by side, on one loaded base model.
+
+A runner holds the base model (loaded once) and switches adapters on it by folder; see
+`coremerge.runners` for the runners of each preset kind. The merged adapter is unloaded again
+after the comparison, since its folder is temporary.
+"""
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the comparison."""
+
+    name: str
+    adapter: Optional[str] = None  # adapter folder; None is the base model alone
+    task: Optional[str] = None  # the task an individual adapter was trained for
+
+
+def variants_of(names: Sequence[str], folders: Sequence[str], tasks: Sequence[Optional[str]], merged: str
+                ) -> list[Variant]:
+    """Base, then each adapter, then the merged adapter."""
+    individual = [Variant(name, folder, task) for name, folder, task in zip(names, folders, tasks)]
+    return [Variant("Base"), *individual, Variant("Merged", merged)]
+
+
+class Classifier(Protocol):
+    def predict(self, task: str, images: torch.Tensor, adapter: Optional[str] = None) -> list[str]: ...
+
+    def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test", scale: float = 1.0
+                 ) -> float: ...
+
+    def forget(self, adapter: str) -> None: ...
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[str], adapter: Optional[str] = None) -> list[str]: ...
+
+    def forget(self, adapter: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: str
+    task: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskAccuracy:
+    """Test accuracy on one task: base model, the task's own adapter, and the merge."""
+
+    task: str
+    base: float
+    individual: float
+    merged: float
+
+    @property
+    def normalized(self) -> float:
+        """The paper's metric: merged accuracy / the task's own adapter's accuracy."""
+        return self.merged / self.individual if self.individual else 0.0
+
+
+@dataclass(frozen=True)
+class ClassificationComparison:
+    variants: list[str]
+    images: list[LabelledImage]
+    predictions: list[list[str]]  # image x variant
+    accuracy: list[TaskAccuracy]
+
+    @property
+    def average_normalized(self) -> float:
+        return sum(a.normalized for a in self.accuracy) / len(self.accuracy) if self.accuracy else 0.0
+
+
+@dataclass(frozen=True)
+class TextComparison:
+    variants: list[str]
+    prompts: list[str]
+    outputs: list[list[str]]  # prompt x variant
+
+
+def grayscale_pixels(path: str) -> torch.Tensor:
+    """A grayscale image as the (1, 1, H, W) float tensor in [0, 1] that the bundled vision model reads."""
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None, None]
+
+
+def _unload_merged(runner, variants: Sequence[Variant]) -> None:
+    runner.forget(variants[-1].adapter)
+
+
+_REFERENCE: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _reference(runner, key: tuple, compute: Callable[[], object]) -> object:
+    """The base model's and the individual adapters' results do not change from merge to merge:
+    computed once per runner and kept (the merged adapter, in a new folder each time, never is)."""
+    memo = _REFERENCE.setdefault(runner, {})
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def compare_classification(runner: Classifier, images: Sequence[LabelledImage], variants: Sequence[Variant],
+                           progress: Progress = lambda stage: None) -> ClassificationComparison:
+    """Every variant's label for every sample image (with the image's task head), and per-task test
+    accuracy of the base, each task's own adapter and the merge."""
+    try:
+        by_task: dict[str, list[int]] = {}
+        for index, image in enumerate(images):
+            by_task.setdefault(image.task, []).append(index)
+        predictions = [[""] * len(variants) for _ in images]
+        merged = variants[-1].adapter
+        for column, variant in enumerate(variants):
+            progress(f"classifying the samples: {variant.name}")
+            for task, indices in by_task.items():
+                paths = tuple(images[i].path for i in indices)
+
+                def predict(task=task, paths=paths, adapter=variant.adapter):
+                    return runner.predict(task, torch.cat([grayscale_pixels(p) for p in paths]), adapter)
+
+                labels = predict() if variant.adapter == merged else _reference(
+                    runner, ("predict", variant.adapter, task, paths), predict)
+                for i, label in zip(indices, labels):
+                    predictions[i][column] = label
+        accuracy = []
+        for variant in variants[1:-1]:
+            if variant.task is None:
+                continue
+            progress(f"test accuracy: {variant.task}")
+            accuracy.append(TaskAccuracy(
+                task=variant.task,
+                base=_reference(runner, ("accuracy", None, variant.task),
+                                lambda: runner.accuracy(variant.task, None)),
+                individual=_reference(runner, ("accuracy", variant.adapter, variant.task),
+                                      lambda: runner.accuracy(variant.task, variant.adapter)),
+                merged=runner.accuracy(variant.task, merged),
+            ))
+    finally:
+        _unload_merged(runner, variants)
+    return ClassificationComparison([v.name for v in variants], list(images), predictions, accuracy)
+
+
+def compare_text(runner: Generator, prompts: Sequence[str], variants: Sequence[Variant],
+                 progress: Progress = lambda stage: None) -> TextComparison:
+    """Every variant's answer to every prompt (greedy, so the same prompt gives the same answer)."""
+    try:
+        columns = []
+        for variant in variants:
+            progress(f"generating: {variant.name}")
+            columns.append(runner.generate(list(prompts), variant.adapter))
+    finally:
+        _unload_merged(runner, variants)
+    return TextComparison([v.name for v in variants], list(prompts), [list(row) for row in zip(*columns)])
+
+
+def sample_images(folder: Path, samples) -> list[LabelledImage]:
+    """A preset's sample images with absolute paths."""
+    return [LabelledImage(str(Path(folder) / s.path), s.task, s.label) for s in samples]

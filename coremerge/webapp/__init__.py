@@ -1,0 +1,1 @@
+"""The Gradio app's handlers and rendering; app.py only wires them to components."""

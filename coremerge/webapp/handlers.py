@@ -1,0 +1,218 @@
+"""The app's event handlers: plain functions of component values, importable and testable without a browser.
+
+Bad input raises `gr.Error` with the library's one-line message; nothing else reaches the page.
+"""
+
+import functools
+import logging
+import traceback
+from typing import Optional, Sequence
+
+import gradio as gr
+import spaces
+
+from ..errors import CoreMergeError, HubError
+from ..hub_push import push_folder
+from ..merge import load_adapters
+from ..methods import METHODS, Parameter, get_method
+from ..options import MergeOptions
+from ..plots import accuracy_chart, overlap_chart, spectra_chart
+from ..presets import Preset, find_preset, list_presets
+from ..workflow import LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, prompts_from_text, run_merge
+from .cache import ResultCache
+from .render import comparison_html, rank_rows, report_markdown, summary_markdown
+
+log = logging.getLogger("coremerge.app")
+DEFAULT_PRESET = "digits"
+ADAPTER_COLUMNS = ["Hub ID or path", "Name", "Weight"]
+CACHE = ResultCache()
+
+
+def _unique_parameters() -> list[Parameter]:
+    """Each method parameter once, in registry order: one UI control each."""
+    seen: dict[str, Parameter] = {}
+    for method in METHODS.values():
+        for parameter in method.parameters:
+            seen.setdefault(parameter.name, parameter)
+    return list(seen.values())
+
+
+PARAMETERS = _unique_parameters()
+
+
+def user_errors(handler):
+    """CoreMergeError -> gr.Error with its message; anything else -> a short gr.Error, the traceback in the log."""
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except CoreMergeError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # noqa: BLE001 - the page gets one line, the log the details
+            log.error("unexpected error in %s:\n%s", handler.__name__, traceback.format_exc())
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise gr.Error(f"unexpected {type(error).__name__}: {first}", print_exception=False) from None
+
+    return wrapped
+
+
+# Presets and methods
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """(label, name) for the preset picker: bundled (offline) presets first."""
+    return [(p.title if p.bundled else f"{p.title} (needs the Hub)", p.name) for p in list_presets()]
+
+
+def default_preset() -> str:
+    names = [name for _, name in preset_choices()]
+    return DEFAULT_PRESET if DEFAULT_PRESET in names else names[0]
+
+
+def offline_presets() -> str:
+    return ", ".join(p.name for p in list_presets() if p.bundled)
+
+
+def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
+    """The base model and ranks, read from the adapters' own configs."""
+    try:
+        adapters = load_adapters(sources)
+    except HubError as error:
+        return f"⚠️ {error}. Preset *{preset.name}* needs the Hugging Face Hub; {offline_presets()} work offline."
+    except CoreMergeError as error:
+        return f"⚠️ {error}"
+    ranks = sorted({r for a in adapters for r in a.ranks.values()})
+    modules = len({m for a in adapters for m in a.modules})
+    rank_text = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    return (f"**Base model** `{adapters[0].base_model}` (from the adapters' configs) · {len(adapters)} adapters · "
+            f"rank {rank_text} · {modules} modules")
+
+
+def preset_view(name: str) -> tuple[list[list], str, str, str, bool]:
+    """A preset's adapter rows, description, base model line, prompts text and whether prompts apply."""
+    preset = find_preset(name)
+    rows = [[a.source, a.name, a.weight] for a in preset.adapters]
+    where = "bundled, works offline" if preset.bundled else "needs the Hugging Face Hub"
+    description = f"**{preset.title}** ({preset.kind}, {where}). {preset.description}"
+    return (rows, description, describe_adapters(preset, preset.adapter_sources), default_prompts_text(preset),
+            preset.kind == "text-generation")
+
+
+@user_errors
+def show_preset(name: str):
+    """Preset picked: its adapter rows, description, base model, prompts (shown for text presets only)."""
+    rows, description, base, prompts, is_text = preset_view(name)
+    return rows, description, base, gr.update(value=prompts, visible=is_text)
+
+
+def method_info(method: str) -> str:
+    chosen = get_method(method)
+    return f"**{chosen.display_name}**: {chosen.summary} [Paper]({chosen.paper_url})"
+
+
+@user_errors
+def show_method(method: str):
+    """Method picked: its explanation, and only its parameters, set to its defaults."""
+    chosen = get_method(method)
+    defaults = chosen.defaults()
+    updates = [gr.update(visible=p.name in defaults, value=defaults.get(p.name, p.default)) for p in PARAMETERS]
+    return (method_info(method), *updates)
+
+
+# Merge and compare
+
+
+def adapter_rows(table: Optional[Sequence[Sequence]]) -> tuple[AdapterRow, ...]:
+    """The adapter list's rows (blank rows skipped); raises CoreMergeError naming a bad cell."""
+    rows = []
+    for number, cells in enumerate(table or [], 1):
+        cells = ["" if c is None else str(c).strip() for c in list(cells) + ["", "", ""]][:3]
+        source, name, weight = cells
+        if not any(cells):
+            continue
+        if not source:
+            raise CoreMergeError(f"adapter row {number}: no Hub ID or path")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise CoreMergeError(f"adapter row {number}: weight {weight!r} is not a number") from None
+        rows.append(AdapterRow(source, name or source.rstrip("/").split("/")[-1], value))
+    return tuple(rows)
+
+
+def build_request(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
+                  rank: Optional[float], prompts_text: str, parameter_values: Sequence) -> MergeRequest:
+    preset = find_preset(preset_name)
+    takes = get_method(method).defaults()
+    params = {p.name: value for p, value in zip(PARAMETERS, parameter_values) if p.name in takes and value is not None}
+    options = MergeOptions.create(method=method, space=space, alpha=float(alpha), isotropize=bool(isotropize),
+                                  rank=int(rank) if rank else None, **params)
+    prompts = prompts_from_text(prompts_text or "") if preset.kind == "text-generation" else ()
+    return MergeRequest(preset, adapter_rows(table), options, prompts)
+
+
+def gpu_seconds(request: MergeRequest, workdir, progress=None) -> int:
+    """ZeroGPU time to ask for: grows with the adapters and prompts."""
+    return 30 + 10 * len(request.adapters) + 5 * len(request.prompts)
+
+
+run_merge_on_device = spaces.GPU(duration=gpu_seconds)(run_merge)  # a no-op off ZeroGPU
+
+
+def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
+    names = outcome.names
+    comparison = outcome.comparison
+    accuracy = getattr(comparison, "accuracy", None)
+    return (
+        summary_markdown(outcome.report, comparison, outcome.seconds),
+        comparison_html(comparison),
+        gr.update(value=accuracy_chart(accuracy) if accuracy else None, visible=bool(accuracy)),
+        report_markdown(outcome.report, outcome.seconds, names, cached),
+        rank_rows(outcome.report, names),
+        spectra_chart(outcome.insights, names),
+        overlap_chart(outcome.insights, names),
+        str(outcome.zip_path),
+        outcome.snippet,
+    )
+
+
+@user_errors
+def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
+                      rank: Optional[float], prompts_text: str, progress=gr.Progress(), *parameter_values):
+    """The button: merge, explain and compare (cached by inputs); returns every result output and the cache key.
+
+    `parameter_values` are the method parameter controls' values, in the order of PARAMETERS.
+    """
+    request = build_request(preset_name, table, method, space, alpha, isotropize, rank, prompts_text,
+                            parameter_values)
+    key = request.key()
+    outcome = CACHE.get(key)
+    cached = outcome is not None
+    if outcome is None:
+        try:
+            with CACHE.workdir() as folder:
+                outcome = run_merge_on_device(request, folder, lambda f, text: progress(f, desc=text))
+                outcome = CACHE.put(key, outcome, folder)
+        except HubError as error:
+            if request.preset.bundled:
+                raise
+            raise HubError(f"{error}. Preset {request.preset.name} needs the Hugging Face Hub; the bundled presets "
+                           f"({offline_presets()}) work offline") from None
+    return (*merge_outputs(outcome, cached), key)
+
+
+@user_errors
+def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> str:
+    """Upload the merged adapter of this session's last merge; the token is used once and forgotten."""
+    outcome = CACHE.get(key) if key else None
+    if outcome is None:
+        raise CoreMergeError("push: nothing to push yet (or the merge expired); click Merge & compare first")
+    url = push_folder(outcome.adapter_folder, repo_id, token, private=bool(private))
+    return f"Pushed to [{url}]({url}) ({'private' if private else 'public'})."
+
+
+LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
+               f"{LIMITS.prompt_chars} characters; sample images come from the preset.")

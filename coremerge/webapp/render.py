@@ -1,0 +1,127 @@
+"""The comparison and the merge report as HTML, Markdown and table rows for the app."""
+
+import base64
+import html
+from pathlib import Path
+
+from ..compare import ClassificationComparison, TextComparison
+from ..methods import METHODS
+
+STYLE = """<style>
+.cm-table {border-collapse: collapse; font-size: 0.85em; width: 100%;}
+.cm-table th, .cm-table td {border: 1px solid var(--border-color-primary, #ddd); padding: 3px 6px; text-align: center;
+  vertical-align: middle;}
+.cm-table th {background: var(--background-fill-secondary, #f5f5f5); font-weight: 600;}
+.cm-table td.cm-text {text-align: left; white-space: pre-wrap; font-family: var(--font-mono, monospace);}
+.cm-right {background: rgba(85, 168, 104, 0.22);}
+.cm-wrong {background: rgba(196, 78, 82, 0.18);}
+.cm-merged {font-weight: 700;}
+.cm-table img {width: 40px; height: 40px; image-rendering: pixelated;}
+</style>"""
+
+
+def _image_tag(path: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="sample">'
+
+
+def _header(variants: list[str], first: list[str]) -> str:
+    cells = [*first, *variants]
+    return "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>"
+
+
+def classification_html(comparison: ClassificationComparison) -> str:
+    """One row per sample image, one column per variant; right labels green, wrong ones red."""
+    rows = []
+    right = [0] * len(comparison.variants)
+    for image, predicted in zip(comparison.images, comparison.predictions):
+        cells = [f"<td>{_image_tag(image.path)}</td>", f"<td>{html.escape(image.task)}</td>",
+                 f"<td><b>{html.escape(image.label)}</b></td>"]
+        for column, label in enumerate(predicted):
+            ok = label == image.label
+            right[column] += ok
+            merged = " cm-merged" if column == len(predicted) - 1 else ""
+            cells.append(f'<td class="{"cm-right" if ok else "cm-wrong"}{merged}">{html.escape(label)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    total = max(1, len(comparison.images))
+    score = "".join(f"<th>{n}/{total}</th>" for n in right)
+    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
+            f"{_header(comparison.variants, ['image', 'task', 'label'])}{''.join(rows)}"
+            f'<tr><th colspan="3">right on these samples</th>{score}</tr></table>')
+
+
+def text_html(comparison: TextComparison) -> str:
+    """One row per prompt, one column per variant."""
+    rows = []
+    for prompt, outputs in zip(comparison.prompts, comparison.outputs):
+        cells = [f'<td class="cm-text">{html.escape(prompt.rstrip(chr(10)))}</td>']
+        cells += [f'<td class="cm-text">{html.escape(o)}</td>' for o in outputs]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
+            f"{_header(comparison.variants, ['prompt'])}{''.join(rows)}</table>")
+
+
+def comparison_html(comparison) -> str:
+    if isinstance(comparison, ClassificationComparison):
+        return classification_html(comparison)
+    return text_html(comparison)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def report_markdown(report: dict, seconds: dict[str, float], names: list[str], cached: bool) -> str:
+    """The merge report: method, parameters, time per stage, sizes."""
+    method = METHODS[report["method"]]
+    params = ", ".join(f"{k} = {v:g}" for k, v in report["params"].items()) or "none"
+    ranks = [m["output_rank"] for m in report["modules"].values() if m["output_rank"] > 0]
+    stage = report["seconds"]
+    lines = [
+        f"**{method.display_name}** ([paper]({method.paper_url})) in **{report['space']} space**, "
+        f"alpha {report['alpha']:g}, parameters: {params}, isotropize: {'yes' if report['isotropize'] else 'no'}, "
+        f"rank: {report['rank'] or 'exact'}" + (" — *cached result: these inputs were merged before*" if cached else ""),
+        "",
+        f"Base model `{report['base_model']}` · {len(report['sources'])} adapters · {len(ranks)} modules · "
+        f"output ranks {min(ranks)}–{max(ranks)}",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        f"| loading adapters | {stage['loading']:.3f} |",
+        f"| merging | {stage['merging']:.3f} |",
+        f"| writing the adapter | {stage['writing']:.3f} |",
+        f"| spectra and overlaps | {seconds.get('explain', 0):.3f} |",
+        f"| side-by-side comparison | {seconds.get('compare', 0):.3f} |",
+        f"| model card and zip | {seconds.get('package', 0):.3f} |",
+        f"| **total** | **{seconds.get('total', stage['total']):.3f}** |",
+        "",
+        "| adapter | source | size |",
+        "|---|---|---|",
+        *[f"| {html.escape(name)} | `{s['source']}` | {_megabytes(s['bytes'])} |"
+          for name, s in zip(names, report["sources"])],
+        f"| **merged** | | **{_megabytes(report['bytes']['out'])}** |",
+    ]
+    return "\n".join(lines)
+
+
+RANK_COLUMNS = ["module", "shape", "input ranks", "output rank"]
+
+
+def rank_rows(report: dict, names: list[str]) -> list[list]:
+    """Per module: its shape, each input adapter's rank there, and the merged rank."""
+    by_source = {s["source"]: name for name, s in zip(names, report["sources"])}
+    rows = []
+    for module, info in report["modules"].items():
+        inputs = ", ".join(f"{by_source.get(source, source)}: {r}" for source, r in info["input_ranks"].items())
+        rows.append([module, " x ".join(map(str, info["shape"])), inputs, info["output_rank"]])
+    return rows
+
+
+def summary_markdown(report: dict, comparison, seconds: dict[str, float]) -> str:
+    """One line on top of the results."""
+    text = (f"Merged {len(report['sources'])} adapters with **{METHODS[report['method']].display_name}** in "
+            f"{report['space']} space: {report['seconds']['loading'] + report['seconds']['merging']:.2f} s to merge, "
+            f"{seconds.get('total', 0):.1f} s with the comparison.")
+    if isinstance(comparison, ClassificationComparison) and comparison.accuracy:
+        text += f" Average normalized accuracy of the merge: **{comparison.average_normalized:.1%}**."
+    return text

@@ -1,0 +1,137 @@
+"""The app's handlers, called directly (no browser): presets, methods, merge and compare, cache, errors, push."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from coremerge import METHODS
+from coremerge.bundled.digits import load_backbone
+from coremerge.presets import find_preset
+from coremerge.webapp import handlers
+from coremerge.webapp.cache import ResultCache
+
+from conftest import peft_deltas
+
+DIGITS = find_preset("digits")
+THREE_ROWS = [[a.source, a.name, a.weight] for a in DIGITS.adapters[:3]]
+
+
+def merge(rows=THREE_ROWS, method="ta", space="core", alpha=0.5, isotropize=False, rank=None, **params):
+    values = [params.get(p.name, METHODS[method].defaults().get(p.name, p.default)) for p in handlers.PARAMETERS]
+    return handlers.merge_and_compare("digits", rows, method, space, alpha, isotropize, rank, "",
+                                      lambda fraction, desc=None: None, *values)
+
+
+def app_error(handler, *args, **kwargs) -> str:
+    """The message of the gr.Error a handler raises (what the page shows)."""
+    with pytest.raises(gr.Error) as error:
+        handler(*args, **kwargs)
+    return error.value.message
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> ResultCache:
+    cache = ResultCache(capacity=2, root=tmp_path / "cache")
+    monkeypatch.setattr(handlers, "CACHE", cache)
+    return cache
+
+
+def test_preset_view_lists_the_default_preset_and_reads_the_base_model_from_the_adapters():
+    assert handlers.default_preset() == "digits"
+    assert [name for _, name in handlers.preset_choices()][0] == "digits"  # bundled presets first
+    rows, description, base, prompts, is_text = handlers.preset_view("digits")
+    assert rows == [[a.source, a.name, 1.0] for a in DIGITS.adapters]
+    assert base.startswith("**Base model** `coremerge/digits-vit` (from the adapters' configs) · 8 adapters · rank 8")
+    assert "works offline" in description and not is_text
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_controls_follow_the_registry(method):
+    info, *updates = handlers.show_method(method)
+    assert METHODS[method].paper_url in info and METHODS[method].display_name in info
+    defaults = METHODS[method].defaults()
+    shown = {p.name: u["value"] for p, u in zip(handlers.PARAMETERS, updates) if u["visible"]}
+    assert shown == defaults
+
+
+def test_adapter_rows_skip_blank_rows_and_name_bad_cells():
+    rows = handlers.adapter_rows([["org/a", "", ""], ["", "", None], ["./b/", "B", "0.5"]])
+    assert [(r.source, r.name, r.weight) for r in rows] == [("org/a", "a", 1.0), ("./b/", "B", 0.5)]
+    with pytest.raises(ValueError, match=r"^adapter row 2: weight 'heavy' is not a number$"):
+        handlers.adapter_rows([["org/a", "A", 1], ["org/b", "B", "heavy"]])
+    with pytest.raises(ValueError, match=r"^adapter row 1: no Hub ID or path$"):
+        handlers.adapter_rows([["", "A", 1]])
+
+
+def test_merge_and_compare_shows_every_variant_and_a_zip_that_peft_loads_with_the_merged_update(fresh_cache, tmp_path):
+    summary, comparison, accuracy, report, ranks, spectra, overlap, zip_path, snippet, key = merge()
+    names = ["Base", *[row[1] for row in THREE_ROWS], "Merged"]
+    assert all(f"<th>{name}</th>" in comparison for name in names)
+    assert comparison.count("<img ") == len(DIGITS.samples.images)
+    assert accuracy["visible"] and accuracy["value"] is not None
+    assert "Average normalized accuracy of the merge" in summary and "**Task Arithmetic**" in summary
+    assert "| merging |" in report and len(ranks) == 24 and spectra is not None and overlap is not None
+
+    folder = tmp_path / "unzipped"
+    zipfile.ZipFile(zip_path).extractall(folder)
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                  "merge_report.json", "README.md"}
+    assert json.loads((folder / "merge_report.json").read_text())["method"] == "ta"
+    card = (folder / "README.md").read_text()
+    assert "base_model: coremerge/digits-vit" in card and "Task Arithmetic" in card and "Rotated 90°" in card
+    # TA in core space is exact: the merged delta is alpha * the sum of the inputs' deltas, as peft computes them
+    base = load_backbone(DIGITS.folder / "digits" / "base")
+    inputs = [peft_deltas(base, DIGITS.resolve(row[0])) for row in THREE_ROWS]
+    merged = peft_deltas(base, folder)
+    assert set(merged) == set(inputs[0])
+    for name, delta in merged.items():
+        torch.testing.assert_close(delta, 0.5 * sum(d[name] for d in inputs), rtol=1e-4, atol=1e-6)
+
+    # the "use it in code" snippet runs as shown
+    namespace = {}
+    exec(snippet.replace('"merged-adapter"', repr(str(folder))), namespace)
+    assert type(namespace["model"]).__name__ == "ViTModel"
+
+
+def test_identical_merges_are_cached_and_failures_leave_nothing_behind(fresh_cache):
+    first = merge(method="tsv")
+    assert len(fresh_cache.folders()) == 1
+    again = merge(method="tsv")
+    assert again[7] == first[7] and again[9] == first[9]  # the same zip, the same key
+    assert "cached result" in again[3] and len(fresh_cache.folders()) == 1
+    merge(method="tsv", alpha=0.7)
+    merge(method="iso_c")  # capacity 2: the first result is evicted, its folder removed
+    assert len(fresh_cache.folders()) == 2 and not Path(first[7]).exists()
+
+    assert app_error(merge, rows=THREE_ROWS + [["/nowhere/adapter", "X", 1.0]]) == \
+        "/nowhere/adapter: no such file or folder (and not a Hub ID like org/name)"
+    assert app_error(merge, method="ties", density=1.5) == "--density 1.5: must be a number in (0, 1]"
+    assert len(fresh_cache.folders()) == 2
+
+
+def test_merge_of_an_adapter_without_a_task_head_is_refused_with_its_name(fresh_cache, adapters):
+    rows = THREE_ROWS[:1] + [[str(adapters["plain"]), "Llama LoRA", 1.0]]
+    assert app_error(merge, rows=rows) == (
+        f"{adapters['plain']} was trained on coremerge-tests/tiny-llama but {DIGITS.resolve(THREE_ROWS[0][0])} on "
+        "coremerge/digits-vit; only adapters of the same base model can be merged")
+    assert fresh_cache.folders() == []
+
+
+def test_limits_are_enforced(fresh_cache):
+    assert app_error(merge, rows=THREE_ROWS * 3 + THREE_ROWS[:2]) == "adapters: 11 given; at most 10 per merge"
+    assert app_error(merge, rows=[["", "", ""]]).startswith("adapters: the list is empty")
+
+
+def test_push_needs_a_merge_a_repo_and_a_token_and_never_echoes_the_token(fresh_cache):
+    push = handlers.push_to_hub
+    assert app_error(push, None, "me/merged", "hf_secret", True).startswith("push: nothing to push yet")
+    key = merge()[9]
+    assert app_error(push, key, "not a repo", "hf_secret", True).startswith(
+        "repository 'not a repo': give it as owner/name")
+    assert app_error(push, key, "me/merged", "  ", True).startswith("Hub token: empty")
+    message = app_error(push, key, "me/merged", "hf_secret", True)  # the tests run with HF_HUB_OFFLINE=1
+    assert message == "push to me/merged: the Hub is offline here (HF_HUB_OFFLINE=1); download the zip instead"
