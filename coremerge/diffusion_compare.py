@@ -32,10 +32,14 @@ class LoraEntry:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How every image is generated; the seed is the same for every variant of a prompt."""
+    """How every image is generated; the seed is the same for every variant of a prompt.
 
-    steps: int = 25
-    guidance: float = 7.0
+    Fields are named as the pipeline's arguments, so a preset's `generation` mapping fits:
+    `GenerationSettings(**preset.samples.generation)`.
+    """
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.0
     width: int = 1024
     height: int = 1024
     seed: int = 0
@@ -137,8 +141,8 @@ def _generate(pipe, variant: _Variant, prompt: str, settings: GenerationSettings
     image = pipe(
         prompt=text,
         negative_prompt=settings.negative_prompt or None,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
         width=settings.width,
         height=settings.height,
         generator=generator,

@@ -347,7 +347,8 @@ def test_comparison_gives_one_image_per_prompt_and_variant_on_one_pipeline(loras
     kohya, diffusers = str(loras["files"]["kohya_sdxl"]), str(loras["files"]["diffusers_sdxl"])
     merge_to_folder([kohya, diffusers], MergeOptions.create(method="tsv"), tmp_path / "merged")
     pipe = tiny_sdxl(tokenizer)
-    settings = GenerationSettings(steps=2, guidance=5.0, width=32, height=32, seed=7)
+    settings = GenerationSettings(**{"num_inference_steps": 2, "guidance_scale": 5.0, "width": 32, "height": 32,
+                                      "seed": 7})  # a preset's `generation` mapping
     base_alone = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=5.0, width=32, height=32,
                       generator=torch.Generator().manual_seed(7)).images[0]
     grid = compare_images(pipe, [LoraEntry("Style A", kohya, "pixel art"), LoraEntry("Style B", diffusers, "watercolor")],
