@@ -54,7 +54,8 @@ def sdxl_linear_shapes() -> dict[str, tuple[int, int]]:
     shapes = {}
     for component, (model, targets) in models.items():
         for name, module in model.named_modules():
-            in_transformer = component != "unet" or "transformer_blocks" in name or name.endswith(("proj_in", "proj_out"))
+            in_transformer = (component != "unet" or "transformer_blocks" in name
+                              or name.endswith(("proj_in", "proj_out")))
             if isinstance(module, torch.nn.Linear) and name.endswith(targets) and in_transformer:
                 shapes[f"{component}.{name}"] = (module.out_features, module.in_features)
     return shapes

@@ -2,8 +2,9 @@
 
 Every adapter is loaded once with `load_lora_weights(..., adapter_name=...)`: each LoRA as coremerge reads it
 (the update that goes into the merge, in any input format), the merged LoRA from the file `coremerge merge`
-wrote. Variants are switched with `set_adapters` / `disable_lora`, never by reloading the base model. Arguments and results are plain
-dataclasses, strings and PIL images, so they pickle (ZeroGPU runs the GPU function in another process).
+wrote. Variants are switched with `set_adapters` / `disable_lora`, never by reloading the base model.
+Arguments and results are plain dataclasses, strings and PIL images, so they pickle (ZeroGPU runs the GPU
+function in another process).
 """
 
 from dataclasses import dataclass, field

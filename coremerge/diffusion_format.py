@@ -34,7 +34,9 @@ SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 SGM_UNET_CONFIG = SimpleNamespace(layers_per_block=2)
 TEXT_MODEL = "text_model."  # CLIP's inner module, flattened away in transformers 5
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoraConfig in the safetensors header
-PEFT_KEY = re.compile(r"^(?P<component>unet|text_encoder|text_encoder_2)\.(?P<local>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+PEFT_KEY = re.compile(
+    r"^(?P<component>unet|text_encoder|text_encoder_2)\.(?P<local>.+)\.(?P<part>lora_A|lora_B)\.weight$"
+)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def _plain_spec(source: str, local: str, parts: dict[str, str], shapes: dict, al
     rank = a_shape[0]
     if len(b_shape) < 2 or b_shape[1] != rank:
         raise AdapterFormatError(
-            f"{source}: module {local} has inconsistent LoRA shapes (down {a_shape}, up {b_shape}); rank {rank} expected"
+            f"{source}: module {local} has inconsistent LoRA shapes (down {a_shape}, up {b_shape}); "
+            f"rank {rank} expected"
         )
     scaling = (alpha or rank) / rank  # kohya: a missing or zero alpha means alpha = r
     kind = "conv" if len(a_shape) > 2 else "linear"
@@ -215,7 +218,9 @@ def _component_configs(source: str, file_metadata: dict[str, str]) -> dict[str, 
                 "so coremerge refuses to merge it"
             )
         if not all(isinstance(config.get(k), (int, float)) and config[k] > 0 for k in ("r", "lora_alpha")):
-            raise AdapterFormatError(f"{source}: {DIFFUSERS_METADATA_KEY} for {component} has no positive r / lora_alpha")
+            raise AdapterFormatError(
+                f"{source}: {DIFFUSERS_METADATA_KEY} for {component} has no positive r / lora_alpha"
+            )
     return configs
 
 

@@ -1,4 +1,4 @@
-"""Sources in, merged adapter out (a peft folder, or a diffusers file for SD LoRAs): `coremerge merge` as one function."""
+"""Sources in, merged adapter out (a peft folder, or a diffusers file for SD LoRAs): `coremerge merge` in one call."""
 
 import time
 from pathlib import Path

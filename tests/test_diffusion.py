@@ -32,7 +32,8 @@ KOHYA_SDXL_UNET = (
     r"|up_blocks\.0\.(resnets\.2\.conv_shortcut|attentions\.2\.transformer_blocks\.0\.attn1\.to_v|upsamplers\.0\.conv)"
 )
 DIFFUSERS_SDXL_UNET = (  # overlaps the kohya LoRA in some modules, has its own elsewhere
-    r"down_blocks\.1\.attentions\.0\.(proj_out|transformer_blocks\.[01]\.attn2\.(to_k|to_v))|down_blocks\.1\.resnets\.0\.conv1"
+    r"down_blocks\.1\.attentions\.0\.(proj_out|transformer_blocks\.[01]\.attn2\.(to_k|to_v))"
+    r"|down_blocks\.1\.resnets\.0\.conv1"
     r"|up_blocks\.0\.attentions\.1\.transformer_blocks\.0\.attn2\.to_k|up_blocks\.1\.resnets\.0\.conv2"
 )
 
@@ -77,7 +78,8 @@ def loras(tmp_path_factory, tokenizer) -> dict:
     te_config = lora(["q_proj", "k_proj", "out_proj"], r=2, alpha=1)
     te2_config = lora(["v_proj", "text_projection"], r=2, alpha=2)  # text_projection: beside text_model, not in it
     state = add_lora(pipe, {"unet": unet_config, "text_encoder": te_config, "text_encoder_2": te2_config}, seed=2)
-    pipe.save_lora_weights(root / "style_b", unet_lora_layers=state["unet"], text_encoder_lora_layers=state["text_encoder"],
+    pipe.save_lora_weights(root / "style_b", unet_lora_layers=state["unet"],
+                           text_encoder_lora_layers=state["text_encoder"],
                            text_encoder_2_lora_layers=state["text_encoder_2"],
                            unet_lora_adapter_metadata=unet_config.to_dict(),
                            text_encoder_lora_adapter_metadata=te_config.to_dict(),
@@ -87,7 +89,8 @@ def loras(tmp_path_factory, tokenizer) -> dict:
 
     # kohya SD 1.5: diffusers block names, lora_te_, alpha 2 at rank 4 (scale 0.5), 1x1-conv proj_in, fp16
     pipe = tiny_sd15(tokenizer)
-    state = add_lora(pipe, {"unet": lora(r"down_blocks\.0\.(attentions\.0\.(proj_in|transformer_blocks\.0\.attn[12]\.to_q)|resnets\.0\.conv1)", alpha=2),
+    sd15_unet = r"down_blocks\.0\.(attentions\.0\.(proj_in|transformer_blocks\.0\.attn[12]\.to_q)|resnets\.0\.conv1)"
+    state = add_lora(pipe, {"unet": lora(sd15_unet, alpha=2),
                             "text_encoder": lora(["q_proj", "out_proj"], alpha=2)}, seed=3)
     made["kohya_sd15"] = write_kohya(root / "sd15.safetensors", state, alpha=2, sgm=False, dtype=torch.float16)
     deltas["kohya_sd15"] = {name: _fp16_delta(pipe, name) for name in lora_deltas(pipe)}
@@ -95,14 +98,16 @@ def loras(tmp_path_factory, tokenizer) -> dict:
     # a peft folder saved from a diffusers UNet (get_peft_model + save_pretrained)
     pipe = tiny_sd15(tokenizer)
     torch.manual_seed(4)
-    peft_unet = get_peft_model(pipe.unet, lora(r".*attentions\.0\.transformer_blocks\.0\.attn1\.to_k|up_blocks\.1\.resnets\.0\.conv2", r=2, alpha=4))
+    targets = r".*attentions\.0\.transformer_blocks\.0\.attn1\.to_k|up_blocks\.1\.resnets\.0\.conv2"
+    peft_unet = get_peft_model(pipe.unet, lora(targets, r=2, alpha=4))
     peft_unet.save_pretrained(str(root / "peft_unet"))
     made["peft_unet"] = root / "peft_unet"
     deltas["peft_unet"] = lora_deltas(pipe)
 
     # diffusers' old naming (attn processors: to_q_lora.down, lora_linear_layer), alpha == r: scale 1
     pipe = tiny_sdxl(tokenizer)
-    state = add_lora(pipe, {"unet": lora(r"down_blocks\.1\.attentions\.[01]\.transformer_blocks\.0\.attn[12]\.(to_q|to_out\.0)", r=2, alpha=2),
+    old_unet = r"down_blocks\.1\.attentions\.[01]\.transformer_blocks\.0\.attn[12]\.(to_q|to_out\.0)"
+    state = add_lora(pipe, {"unet": lora(old_unet, r=2, alpha=2),
                             "text_encoder": lora(["q_proj", "fc1"], r=2, alpha=2)}, seed=5)
     made["diffusers_old_sdxl"] = _write_old_diffusers(root / "old.safetensors", state)
     deltas["diffusers_old_sdxl"] = lora_deltas(pipe)
@@ -125,7 +130,8 @@ def _write_old_diffusers(path, state):
     unet = convert_state_dict(state["unet"], {peft: old for old, peft in UNET_TO_DIFFUSERS.items()})
     unet = {k.replace(".attn1.", ".attn1.processor."): v for k, v in unet.items()}
     te = convert_state_dict(state["text_encoder"], {peft: old for old, peft in DIFFUSERS_OLD_TO_PEFT.items()})
-    tensors = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.text_model.{k}": v for k, v in te.items()}}
+    tensors = {**{f"unet.{k}": v for k, v in unet.items()},
+               **{f"text_encoder.text_model.{k}": v for k, v in te.items()}}
     assert any("to_q_lora.down" in k for k in tensors) and any("lora_linear_layer" in k for k in tensors)
     save_file(tensors, str(path))
     return path
@@ -252,7 +258,7 @@ def test_fused_weights_change_by_the_weighted_sum_of_the_original_updates(loras,
 
 
 def test_sd15_kohya_and_peft_unet_merge_and_load(loras, tokenizer, tmp_path):
-    """SD 1.5: lora_te_ keys, a 1x1-conv proj_in and a fp16 file with a peft UNet folder; the merge loads in diffusers."""
+    """SD 1.5: a fp16 kohya file (lora_te_ keys, 1x1-conv proj_in) and a peft UNet folder; diffusers loads the merge."""
     sources = [loras["files"]["kohya_sd15"], loras["files"]["peft_unet"]]
     report = merge_to_folder([str(s) for s in sources], MergeOptions.create(method="tsv"), tmp_path / "out")
     assert report["sources"][0]["format"] == "kohya" and report["output_format"] == "diffusers"
@@ -351,8 +357,8 @@ def test_comparison_gives_one_image_per_prompt_and_variant_on_one_pipeline(loras
                                       "seed": 7})  # a preset's `generation` mapping
     base_alone = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=5.0, width=32, height=32,
                       generator=torch.Generator().manual_seed(7)).images[0]
-    grid = compare_images(pipe, [LoraEntry("Style A", kohya, "pixel art"), LoraEntry("Style B", diffusers, "watercolor")],
-                          tmp_path / "merged", ["a photo of a cat", "a dog"], settings)
+    entries = [LoraEntry("Style A", kohya, "pixel art"), LoraEntry("Style B", diffusers, "watercolor")]
+    grid = compare_images(pipe, entries, tmp_path / "merged", ["a photo of a cat", "a dog"], settings)
     assert grid.variants == ("base", "Style A", "Style B", "merged")
     assert grid.prompts == ("a photo of a cat", "a dog")
     assert [len(row) for row in grid.images] == [4, 4]
