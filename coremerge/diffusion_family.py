@@ -1,5 +1,6 @@
 """Which Stable Diffusion version a diffusion LoRA was made for, from its modules' shapes and file metadata."""
 
+import re
 from typing import Mapping, Optional, Sequence
 
 from .adapter import Adapter, ModuleSpec
@@ -11,19 +12,21 @@ CROSS_ATTENTION_DIMS = {768: SD1, 1024: SD2, 2048: SDXL}
 # kohya's `ss_base_model_version` metadata, by prefix.
 KOHYA_VERSIONS = {"sdxl": SDXL, "sd_v1": SD1, "sd_v2": SD2}
 SDXL_ONLY_PREFIXES = ("text_encoder_2.", "unet.add_embedding.")  # the second text encoder, the size/crop MLP
+DEEP_TRANSFORMER = re.compile(r"^unet\..*\.transformer_blocks\.[1-9]")  # SD 1.x / 2.x blocks have depth 1
 
 
 def detect_family(modules: Mapping[str, ModuleSpec], file_metadata: Mapping[str, str]) -> str:
     """SD1, SD2 or SDXL when any evidence tells, else UNKNOWN.
 
-    Evidence, strongest first: kohya's `ss_base_model_version`; modules only SDXL has; the input width of
-    the UNet's cross-attention keys and values (768 / 1024 / 2048).
+    Evidence, strongest first: kohya's `ss_base_model_version`; modules only SDXL has (the second text
+    encoder, the size/crop MLP, transformer blocks deeper than one); the input width of the UNet's
+    cross-attention keys and values (768 / 1024 / 2048).
     """
     version = str(file_metadata.get("ss_base_model_version", ""))
     for prefix, family in KOHYA_VERSIONS.items():
         if version.startswith(prefix):
             return family
-    if any(name.startswith(SDXL_ONLY_PREFIXES) for name in modules):
+    if any(name.startswith(SDXL_ONLY_PREFIXES) or DEEP_TRANSFORMER.match(name) for name in modules):
         return SDXL
     for name, spec in modules.items():
         if name.startswith("unet.") and name.endswith(("attn2.to_k", "attn2.to_v")):

@@ -333,6 +333,16 @@ def real_width_kohya(path, sdxl: bool):
     return path
 
 
+def test_an_sdxl_lora_is_told_by_its_deep_transformer_blocks(tmp_path):
+    """No text encoder, no cross-attention module, no metadata: SD 1.x / 2.x blocks have one transformer layer."""
+    name = "lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 1280), f"{name}.lora_up.weight": torch.randn(1280, 4)},
+              str(tmp_path / "deep.safetensors"))
+    adapter = load_adapter(str(tmp_path / "deep.safetensors"))
+    assert list(adapter.modules) == ["unet.down_blocks.2.attentions.0.transformer_blocks.3.attn1.to_q"]
+    assert adapter.family == SDXL
+
+
 def test_sd15_and_sdxl_loras_are_not_merged(capsys, tmp_path):
     sd15 = real_width_kohya(tmp_path / "sd15.safetensors", sdxl=False)
     sdxl = real_width_kohya(tmp_path / "sdxl.safetensors", sdxl=True)
