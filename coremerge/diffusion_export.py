@@ -13,22 +13,31 @@ from .export import peft_config, stored_factors
 from .merge import MergedModule
 from .sources import DIFFUSERS_WEIGHT_NAME
 
-CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")  # text_projection sits beside text_model
+CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
 
 
-def diffusers_key(name: str) -> str:
-    """A module's key prefix in the file: `unet.<module>` as is; CLIP's inner modules with `text_model.` put back,
-    as every SD LoRA on the Hub has it (diffusers strips it again for transformers 5's flattened CLIPTextModel)."""
+def diffusers_keys(name: str) -> tuple[str, str]:
+    """The (A, B) keys of a module in the file.
+
+    UNet: peft-style, `unet.<module>.lora_A.weight` / `.lora_B.weight`. Text encoders: diffusers'
+    `lora_linear_layer.down` / `.up` names, under `text_model.` as every SD LoRA on the Hub has it (diffusers
+    strips it again for transformers 5's flattened CLIPTextModel). diffusers 0.42 guesses a text encoder's key
+    style from q/k/v/out_proj keys, so peft-style keys of a text encoder adapted only in its MLP fail to load
+    ("Could not automatically infer state dict type"); `lora_linear_layer` keys load with or without them.
+    """
     component, _, local = name.partition(".")
-    inner = component in TEXT_ENCODERS and local.startswith(CLIP_TEXT_MODEL_CHILDREN)
-    return f"{component}.{TEXT_MODEL}{local}" if inner else name
+    if component not in TEXT_ENCODERS:
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+    inner = local.startswith(CLIP_TEXT_MODEL_CHILDREN)  # text_projection sits beside text_model
+    key = f"{component}.{TEXT_MODEL}{local}" if inner else name
+    return f"{key}.lora_linear_layer.down.weight", f"{key}.lora_linear_layer.up.weight"
 
 
 def diffusers_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The module's factors under diffusers' peft-style keys (`unet.<module>.lora_A.weight`), conv kernels restored."""
+    """The module's factors under their diffusers keys (`diffusers_keys`), conv kernels restored."""
     a, b = stored_factors(module, dtype)
-    key = diffusers_key(module.name)
-    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+    a_key, b_key = diffusers_keys(module.name)
+    return {a_key: a, b_key: b}
 
 
 def diffusers_metadata(ranks: dict[str, int], like: Adapter) -> dict[str, str]:
@@ -52,7 +61,7 @@ def write_diffusers_file(folder: Path, tensors: dict[str, torch.Tensor], ranks: 
 
 
 def folded_state_dict(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """One input LoRA as coremerge reads it (scaling folded into lora_B, so s = 1), under diffusers' peft-style keys.
+    """One input LoRA as coremerge reads it (scaling folded into lora_B, so s = 1), under the merged file's keys.
 
     `pipe.load_lora_weights(folded_state_dict(adapter), adapter_name=...)` then applies exactly the update that
     goes into the merge, whatever the file's format (and whatever quirks diffusers has in converting it).
@@ -61,8 +70,7 @@ def folded_state_dict(adapter: Adapter, dtype: torch.dtype = torch.float32) -> d
     with adapter.open() as reader:
         for name, spec in adapter.modules.items():
             factors = adapter.read_factors(reader, name)
-            key = diffusers_key(name)
-            tensors[f"{key}.lora_A.weight"] = factors.a.reshape(spec.rank, *spec.a_shape[1:]).to(dtype).contiguous()
-            tensors[f"{key}.lora_B.weight"] = factors.b.reshape(spec.b_shape[0], spec.rank, *spec.b_shape[2:]).to(
-                dtype).contiguous()
+            a_key, b_key = diffusers_keys(name)
+            tensors[a_key] = factors.a.reshape(spec.rank, *spec.a_shape[1:]).to(dtype).contiguous()
+            tensors[b_key] = factors.b.reshape(spec.b_shape[0], spec.rank, *spec.b_shape[2:]).to(dtype).contiguous()
     return tensors

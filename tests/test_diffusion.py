@@ -284,6 +284,20 @@ def test_merged_folder_is_a_source_and_one_lora_alone_round_trips(loras, tmp_pat
     assert packed["unet.r"] == packed["unet.lora_alpha"] and packed["unet.use_dora"] is False
 
 
+def test_a_text_encoder_adapted_only_in_its_mlp_loads(loras, tokenizer, tmp_path):
+    """Regression: diffusers 0.42 cannot read peft-style text-encoder keys without q/k/v/out_proj among them
+    ("Could not automatically infer state dict type"); the file's lora_linear_layer keys load."""
+    pipe = tiny_sdxl(tokenizer)
+    state = add_lora(pipe, {"unet": lora(["to_q"], r=2, alpha=2), "text_encoder": lora(["fc1"], r=2, alpha=2)}, seed=6)
+    write_kohya(tmp_path / "mlp.safetensors", state, alpha=2, sgm=True)
+    merge_to_folder([str(tmp_path / "mlp.safetensors")], MergeOptions.create(method="ta"), tmp_path / "out")
+    loaded = loaded_deltas(tiny_sdxl(tokenizer), tmp_path / "out", "mlp")
+    original = lora_deltas(pipe)
+    assert sorted(loaded) == sorted(original) and "text_encoder.encoder.layers.0.mlp.fc1" in loaded
+    for name, delta in original.items():
+        torch.testing.assert_close(loaded[name], delta, rtol=1e-5, atol=1e-6)
+
+
 # --- refusals: one line naming the file and the reason, exit code 2, nothing written ---
 
 def expect_error(capsys, tmp_path, sources, message):
