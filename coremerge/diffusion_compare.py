@@ -102,15 +102,21 @@ def compare_images(
         if merged is not None:
             loaded.append(_load(pipe, _weights_file(str(merged)), f"{ADAPTER_PREFIX}merged"))
             variants.append(_Variant(merged_name, loaded[-1], merged_trigger_words))
-        columns = [[_generate(pipe, variant, prompt, settings) for prompt in prompts] for variant in variants]
+        cells: dict[tuple[int, int], tuple[Image, str]] = {}  # (prompt, variant) -> (image, prompt used)
+        for v, variant in enumerate(variants):  # one adapter switch per variant
+            _activate(pipe, variant)
+            for p, prompt in enumerate(prompts):
+                text = with_trigger(variant.trigger_words, prompt)
+                cells[p, v] = _generate(pipe, text, settings), text
     finally:
         if loaded:
             pipe.delete_adapters(loaded)
+    rows = [[cells[p, v] for v in range(len(variants))] for p in range(len(prompts))]
     return ImageGrid(
         prompts=tuple(prompts),
-        variants=tuple(v.name for v in variants),
-        images=tuple(tuple(columns[v][p][0] for v in range(len(variants))) for p in range(len(prompts))),
-        prompts_used=tuple(tuple(columns[v][p][1] for v in range(len(variants))) for p in range(len(prompts))),
+        variants=tuple(variant.name for variant in variants),
+        images=tuple(tuple(image for image, _ in row) for row in rows),
+        prompts_used=tuple(tuple(text for _, text in row) for row in rows),
     )
 
 
@@ -130,16 +136,19 @@ def _load(pipe, weights: Union[Path, dict], adapter_name: str) -> str:
     return adapter_name
 
 
-def _generate(pipe, variant: _Variant, prompt: str, settings: GenerationSettings) -> tuple[Image, str]:
+def _activate(pipe, variant: _Variant) -> None:
+    """The variant's LoRA alone at weight 1, or every LoRA off for the base."""
     if variant.adapter is None:
-        if pipe.get_list_adapters():
+        if any(pipe.get_list_adapters().values()):
             pipe.disable_lora()
     else:
         pipe.enable_lora()
         pipe.set_adapters([variant.adapter], adapter_weights=[1.0])
-    text = with_trigger(variant.trigger_words, prompt)
+
+
+def _generate(pipe, text: str, settings: GenerationSettings) -> Image:
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)  # same noise on any device
-    image = pipe(
+    return pipe(
         prompt=text,
         negative_prompt=settings.negative_prompt or None,
         num_inference_steps=settings.num_inference_steps,
@@ -148,4 +157,3 @@ def _generate(pipe, variant: _Variant, prompt: str, settings: GenerationSettings
         height=settings.height,
         generator=generator,
     ).images[0]
-    return image, text
