@@ -418,3 +418,25 @@ def test_hub_repos_of_diffusion_loras_resolve(loras, tmp_path, monkeypatch):
     kohya_lora = load_adapter("org/pixel-xl/pixel-xl.safetensors")
     assert (diffusers_lora.format, diffusers_lora.origin, diffusers_lora.revision) == ("diffusers", "hub", COMMIT)
     assert (kohya_lora.format, kohya_lora.family) == ("kohya", SDXL)
+
+
+@pytest.mark.parametrize("preset_name, kind", [("sdxl-styles", "kohya_sdxl"), ("sd15-styles", "kohya_sd15")])
+def test_the_hub_presets_map_onto_the_loader_and_the_comparison(preset_name, kind, loras, tmp_path, monkeypatch):
+    """With tiny stand-ins at the presets' Hub paths (offline cache), their sources load as one diffusion set,
+    merge into a diffusers file, and their adapters and generation settings fit compare_images' arguments."""
+    from huggingface_hub import constants
+
+    from coremerge.presets import find_preset
+    from test_hub import add_to_cache
+
+    preset = find_preset(preset_name)
+    for adapter in preset.adapters:
+        repo, _, inner = adapter.source.partition("/")[2].partition("/")
+        add_to_cache(tmp_path / "hub", f"{adapter.source.split('/')[0]}/{repo}", {inner: loras["files"][kind]})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert is_diffusion_set(load_adapters(preset.adapter_sources))
+    report = merge_to_folder(preset.adapter_sources, MergeOptions.create(method="ta"), tmp_path / "out")
+    assert report["file"] == "pytorch_lora_weights.safetensors"
+    entries = [LoraEntry(a.name, a.source, a.trigger or "") for a in preset.adapters]
+    settings = GenerationSettings(**preset.samples.generation)
+    assert len(entries) == 3 and settings.num_inference_steps > 0
