@@ -49,7 +49,7 @@ class Adapter:
 
     source: str
     weights_path: Path
-    format: str  # "peft" or "peft-moslora"
+    format: str  # "peft", "peft-moslora", "kohya", "diffusers" or "diffusers-old"
     base_model: Optional[str]
     modules: dict[str, ModuleSpec]
     dtype: torch.dtype
@@ -58,6 +58,7 @@ class Adapter:
     revision: Optional[str] = None
     origin: str = "local"
     ignored_keys: tuple[str, ...] = ()
+    family: Optional[str] = None  # diffusion LoRAs: the Stable Diffusion version (diffusion_family); else None
 
     @property
     def ranks(self) -> dict[str, int]:

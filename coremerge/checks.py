@@ -3,6 +3,7 @@
 from typing import Optional, Sequence
 
 from .adapter import Adapter
+from .diffusion_family import same_family
 from .errors import CoreMergeError, IncompatibleAdaptersError
 
 
@@ -33,6 +34,31 @@ def check_same_base_model(adapters: Sequence[Adapter]) -> Optional[str]:
                 "only adapters of the same base model can be merged"
             )
     return named[0][1] if named else None
+
+
+def check_same_family(adapters: Sequence[Adapter]) -> None:
+    """Diffusion LoRAs only with diffusion LoRAs, and of one Stable Diffusion version.
+
+    Raises:
+        IncompatibleAdaptersError: naming both adapters and what each is for.
+    """
+    first = adapters[0]
+    for adapter in adapters[1:]:
+        if (adapter.family is None) != (first.family is None):
+            diffusion, other = (adapter, first) if adapter.family is not None else (first, adapter)
+            raise IncompatibleAdaptersError(
+                f"{diffusion.source} is a diffusion LoRA ({diffusion.family}) but {other.source} is not; "
+                "only adapters of the same base model can be merged"
+            )
+    if first.family is None:
+        return
+    for index, adapter in enumerate(adapters):  # each against every earlier one: UNKNOWN matches any family
+        other = next((a for a in adapters[:index] if not same_family(a.family, adapter.family)), None)
+        if other is not None:
+            raise IncompatibleAdaptersError(
+                f"{adapter.source} is a LoRA for {adapter.family} but {other.source} is for {other.family}; "
+                "only LoRAs of the same base model can be merged"
+            )
 
 
 def check_module_shapes(adapters: Sequence[Adapter]) -> None:

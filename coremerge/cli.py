@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     merge = commands.add_parser(
         "merge",
-        help="merge adapters into one peft LoRA adapter",
+        help="merge adapters into one LoRA adapter",
         description="Merge LoRA adapters (Hub IDs org/name[@rev][/subfolder], folders or .safetensors files) "
-                    "into one peft LoRA adapter folder with a merge_report.json.",
+                    "into one peft LoRA adapter folder with a merge_report.json; Stable Diffusion LoRAs "
+                    "(kohya / diffusers) into one diffusers pytorch_lora_weights.safetensors.",
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -29,19 +29,22 @@ def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def peft_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The module's factors under peft's key names and stored shapes (conv kernels restored)."""
+def stored_factors(module: MergedModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) in the inputs' stored shapes: conv kernels restored from the flattened factors."""
     template, k = module.template, module.rank
     a = module.lora_a.reshape(k, *template.a_shape[1:])
     b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:])
-    if template.kind == "embedding":
+    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+
+def peft_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's factors under peft's key names and stored shapes (conv kernels restored)."""
+    a, b = stored_factors(module, dtype)
+    if module.template.kind == "embedding":
         names = ("lora_embedding_A", "lora_embedding_B")
     else:
         names = ("lora_A.weight", "lora_B.weight")
-    return {
-        f"{PEFT_PREFIX}{module.name}.{names[0]}": a.to(dtype).contiguous(),
-        f"{PEFT_PREFIX}{module.name}.{names[1]}": b.to(dtype).contiguous(),
-    }
+    return {f"{PEFT_PREFIX}{module.name}.{names[0]}": a, f"{PEFT_PREFIX}{module.name}.{names[1]}": b}
 
 
 def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter) -> dict:

@@ -23,10 +23,11 @@ REFUSED_KEYS = {
     "hada_w": "LoHa",
     "lokr_w": "LoKr",
     "ia3_l": "IA3",
+    "on_input": "IA3 (LyCORIS)",
     "oft_": "OFT",
     "vera_lambda": "VeRA",
+    "lora_mid": "LoCon with a CP / Tucker core (lora_mid)",
 }
-KOHYA_KEYS = ("lora_down", "lora_up")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
@@ -37,13 +38,13 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
         AdapterFormatError: missing or malformed config or weights, or a non-LoRA adapter type.
     """
     source = resolved.source
-    shapes, dtype = _tensor_index(resolved)
-    _refuse_other_types(source, shapes)
+    shapes, dtype = tensor_index(resolved)
+    refuse_non_lora(source, shapes)
     config = _read_config(resolved)
     grouped, ignored = _group_lora_keys(source, shapes)
     if not grouped:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors (lora_A / lora_B)")
-    modules = {name: _module_spec(source, config, name, parts, shapes) for name, parts in sorted(grouped.items())}
+    modules = {name: module_spec(source, config, name, parts, shapes) for name, parts in sorted(grouped.items())}
     if ignored:
         print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]} "
               "(modules_to_save and similar are not merged)", file=sys.stderr)
@@ -62,7 +63,7 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
     )
 
 
-def _tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:
+def tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:
     """Every tensor's shape, and the LoRA tensors' dtype, without reading the data."""
     path = resolved.weights_path
     if path.suffix == ".safetensors":
@@ -81,7 +82,12 @@ def _tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]],
     return shapes, dtype
 
 
-def _refuse_other_types(source: str, shapes: dict) -> None:
+def refuse_non_lora(source: str, shapes: dict) -> None:
+    """Refuse adapter types whose update is not a plain low-rank product, and LoRA with a bias.
+
+    Raises:
+        AdapterFormatError: naming the source, the adapter type and the tensor that shows it.
+    """
     for key in shapes:
         for marker, kind in REFUSED_KEYS.items():
             if marker in key:
@@ -89,11 +95,7 @@ def _refuse_other_types(source: str, shapes: dict) -> None:
                     f"{source}: {kind} adapter (tensor {key}); its update is not a plain low-rank product, "
                     "so coremerge refuses to merge it"
                 )
-        if any(marker in key for marker in KOHYA_KEYS):
-            raise AdapterFormatError(
-                f"{source}: kohya / A1111 LoRA file (tensor {key}); only peft LoRA adapters are supported so far"
-            )
-        if ".lora_B." in key and key.endswith(".bias"):
+        if (".lora_B." in key or ".lora_up." in key or ".lora.up." in key) and key.endswith(".bias"):
             raise AdapterFormatError(f"{source}: lora_B has a bias (tensor {key}); only bias-free LoRA can be merged")
 
 
@@ -150,7 +152,10 @@ def _group_lora_keys(source: str, shapes: dict) -> tuple[dict[str, dict[str, str
     return dict(grouped), ignored
 
 
-def _module_spec(source: str, config: dict, name: str, parts: dict[str, str], shapes: dict) -> ModuleSpec:
+def module_spec(source: str, config: dict, name: str, parts: dict[str, str], shapes: dict,
+                config_name: str = CONFIG_NAME) -> ModuleSpec:
+    """One module's spec from a LoraConfig dict: rank checked against the weights, scaling from r / alpha
+    (patterns resolved as peft does, rsLoRA included). `config_name` names the config in error messages."""
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     for part in (a_part, b_part):
@@ -167,7 +172,7 @@ def _module_spec(source: str, config: dict, name: str, parts: dict[str, str], sh
     alpha = _resolve_pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
     if configured_rank != rank:
         raise AdapterFormatError(
-            f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {CONFIG_NAME}"
+            f"{source}: module {name} has rank {rank} in the weights but r={configured_rank} in {config_name}"
         )
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")

@@ -1,4 +1,4 @@
-"""Sources in, merged peft folder out: the whole `coremerge merge` command as one function."""
+"""Sources in, merged adapter out (a peft folder, or a diffusers file for SD LoRAs): `coremerge merge` in one call."""
 
 import time
 from pathlib import Path
@@ -8,6 +8,8 @@ import torch
 
 from . import __version__
 from .checks import check_same_base_model, check_sources
+from .diffusion_export import diffusers_tensors, write_diffusers_file
+from .diffusion_family import is_diffusion_set, shared_family
 from .errors import CoreMergeError
 from .export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config, peft_tensors,
                      write_peft_folder, write_report)
@@ -21,7 +23,8 @@ def merge_to_folder(
     output: Path,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict:
-    """Merge the sources' adapters and write a peft folder with its merge report.
+    """Merge the sources' adapters and write them with a merge report: a peft folder, or for Stable
+    Diffusion LoRAs one diffusers-format `pytorch_lora_weights.safetensors` that `load_lora_weights` loads.
 
     Returns:
         The merge report (also written as merge_report.json).
@@ -39,6 +42,8 @@ def merge_to_folder(
     base_model = check_same_base_model(adapters)
     timings.loading += time.perf_counter() - clock
     dtype = output_dtype(adapters, options.dtype)
+    diffusion = is_diffusion_set(adapters)
+    to_tensors = diffusers_tensors if diffusion else peft_tensors
 
     tensors, module_reports, zero_modules = {}, {}, []
     factor_dtype = torch.float32 if dtype.itemsize < 4 else torch.float64
@@ -53,7 +58,7 @@ def merge_to_folder(
             zero_modules.append(module.name)
             continue
         clock = time.perf_counter()
-        tensors.update(peft_tensors(module, dtype))
+        tensors.update(to_tensors(module, dtype))
         timings.writing += time.perf_counter() - clock
     ranks = {name: r["output_rank"] for name, r in module_reports.items() if r["output_rank"] > 0}
     if not ranks:
@@ -64,6 +69,8 @@ def merge_to_folder(
         report = {
             "coremerge_version": __version__,
             "base_model": base_model,
+            "family": shared_family(adapters),
+            "output_format": "diffusers" if diffusion else "peft",
             "sources": [
                 {"source": a.source, "origin": a.origin, "revision": a.revision, "format": a.format,
                  "file": a.weights_path.name, "dtype": str(a.dtype).removeprefix("torch."), "bytes": a.nbytes,
@@ -76,7 +83,11 @@ def merge_to_folder(
             "modules": module_reports,
             "zero_modules": zero_modules,
         }
-        write_peft_folder(staging, tensors, peft_config(ranks, base_model, adapters[0]))
+        if diffusion:
+            weights_path = write_diffusers_file(staging, tensors, ranks, adapters[0])
+        else:
+            write_peft_folder(staging, tensors, peft_config(ranks, base_model, adapters[0]))
+            weights_path = staging / WEIGHTS_NAME
         timings.writing += time.perf_counter() - clock
         report["seconds"] = {
             "loading": round(timings.loading, 4),
@@ -84,6 +95,7 @@ def merge_to_folder(
             "writing": round(timings.writing, 4),
             "total": round(time.perf_counter() - started, 4),
         }
-        report["bytes"] = {"in": sum(a.nbytes for a in adapters), "out": (staging / WEIGHTS_NAME).stat().st_size}
+        report["bytes"] = {"in": sum(a.nbytes for a in adapters), "out": weights_path.stat().st_size}
+        report["file"] = weights_path.name
         write_report(staging, report)
     return report

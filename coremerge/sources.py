@@ -24,6 +24,7 @@ from .errors import AdapterFormatError, HubError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # a diffusers LoRA folder: no config, one file
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_ID = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.+))?$")
 
@@ -63,7 +64,12 @@ def _resolve_local(source: str, path: Path) -> ResolvedSource:
         return ResolvedSource(source, path, config if config.is_file() else None, "local")
     config = path / CONFIG_NAME
     if not config.is_file():
-        raise AdapterFormatError(f"{source}: folder has no {CONFIG_NAME}; is it a peft LoRA adapter folder?")
+        if (path / DIFFUSERS_WEIGHT_NAME).is_file():
+            return ResolvedSource(source, path / DIFFUSERS_WEIGHT_NAME, None, "local")
+        raise AdapterFormatError(
+            f"{source}: folder has no {CONFIG_NAME} (peft) or {DIFFUSERS_WEIGHT_NAME} (diffusers); "
+            "is it a LoRA adapter folder?"
+        )
     for name in WEIGHT_NAMES:
         if (path / name).is_file():
             return ResolvedSource(source, path / name, config, "local")
@@ -80,9 +86,12 @@ def _resolve_hub(source: str, repo: str, revision: Optional[str], inner: Optiona
             weights = download(folder)
             config = _optional(lambda: download(_join(str(Path(folder).parent), CONFIG_NAME)))
         else:
-            config = download(_join(folder, CONFIG_NAME))
-            weights = _optional(lambda: download(_join(folder, WEIGHT_NAMES[0])))
-            weights = weights or download(_join(folder, WEIGHT_NAMES[1]))
+            config = _optional(lambda: download(_join(folder, CONFIG_NAME)))
+            if config is None:  # a diffusers LoRA repo
+                weights = download(_join(folder, DIFFUSERS_WEIGHT_NAME))
+            else:
+                weights = _optional(lambda: download(_join(folder, WEIGHT_NAMES[0])))
+                weights = weights or download(_join(folder, WEIGHT_NAMES[1]))
     except Exception as error:  # noqa: BLE001 - every Hub failure becomes one message
         raise _hub_error(source, repo, revision, error) from error
     return ResolvedSource(source, weights, config, "hub", revision=_commit_of(weights))
@@ -114,7 +123,10 @@ def _hub_error(source: str, repo: str, revision: Optional[str], error: Exception
     if isinstance(error, RevisionNotFoundError):
         return HubError(f"{source}: revision {revision} not found in {repo}")
     if isinstance(error, RemoteEntryNotFoundError):
-        return HubError(f"{source}: {repo} has no LoRA adapter files there ({CONFIG_NAME} and adapter weights)")
+        return HubError(
+            f"{source}: {repo} has no LoRA adapter files there ({CONFIG_NAME} and adapter weights, or "
+            f"{DIFFUSERS_WEIGHT_NAME}); name the .safetensors file, e.g. {repo}/file.safetensors"
+        )
     if isinstance(error, LocalEntryNotFoundError):
         why = "the Hub is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub is not reachable"
         return HubError(
