@@ -18,7 +18,7 @@ INTRO = ("Merge several LoRA adapters of one base model into one with **Core Spa
 
 def build_app() -> gr.Blocks:
     start_preset = handlers.default_preset()
-    start_rows, start_description, start_base, start_prompts, is_text = handlers.preset_view(start_preset)
+    start_rows, start_description, start_base, start_prompts, uses_prompts = handlers.preset_view(start_preset)
     start = find_preset(start_preset).merge
     with gr.Blocks(title="coremerge", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
@@ -32,7 +32,7 @@ def build_app() -> gr.Blocks:
                     column_count=(3, "fixed"), row_count=(len(start_rows), "dynamic"),
                 )
                 base_model = gr.Markdown(start_base)
-                prompts = gr.Textbox(start_prompts, visible=is_text, lines=4, label="Prompts (one per line; \\n = newline)")
+                prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
                 method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value=start.method,
                                      label="Method")

@@ -11,6 +11,8 @@ class Limits:
     prompts: int = 8
     prompt_chars: int = 400
     new_tokens: int = 128  # generated per prompt and variant
+    image_side: int = 1024  # pixels, width and height of generated images
+    steps: int = 50  # denoising steps per image
 
 
 LIMITS = Limits()

@@ -19,12 +19,14 @@ def _template(name: str) -> Template:
     return Template((TEMPLATES / name).read_text())
 
 
-def code_snippet(base_model: str, adapter: str, kind: Optional[str] = None, base_path: Optional[str] = None) -> str:
-    """Python that loads the merged adapter onto its base model with peft."""
+def code_snippet(report: dict, adapter: str, kind: Optional[str] = None, base_path: Optional[str] = None) -> str:
+    """Python that loads the merged adapter onto its base model: peft, or diffusers for diffusion LoRAs."""
+    base = base_path or report["base_model"]
+    if report.get("output_format") == "diffusers":
+        return _template("snippet_diffusers.txt").substitute(base_path=base, adapter=adapter,
+                                                             weight_name=report["file"]).strip()
     return _template("snippet_peft.txt").substitute(
-        model_class=MODEL_CLASSES.get(kind or "", "AutoModel"),
-        base_path=base_path or base_model,
-        adapter=adapter,
+        model_class=MODEL_CLASSES.get(kind or "", "AutoModel"), base_path=base, adapter=adapter,
     ).strip()
 
 
@@ -39,7 +41,8 @@ def model_card(report: dict, names: Sequence[str], title: str, snippet: str) -> 
     seconds = report["seconds"]
     return _template("model_card.md").substitute(
         title=title,
-        base_model=report["base_model"] or "unknown",
+        library_name="diffusers" if report.get("output_format") == "diffusers" else "peft",
+        base_model=report["base_model"] or report.get("family") or "unknown",
         n_sources=len(report["sources"]),
         method=method.name,
         method_display=method.display_name,

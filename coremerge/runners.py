@@ -50,9 +50,23 @@ class CausalLMRunner:
         self._forget(self, adapter)
 
 
+class DiffusionRunner:
+    """A diffusers text-to-image pipeline, loaded once; `coremerge.diffusion_compare` switches LoRAs on it."""
+
+    def __init__(self, base_model: str):
+        from diffusers import DiffusionPipeline
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.pipe = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+
 def build_runner(preset: Preset, max_new_tokens: int = LIMITS.new_tokens):
-    """The comparison model of a preset: the bundled evaluators, or a Hub causal LM (answers capped at
-    `max_new_tokens`)."""
+    """The comparison model of a preset: a diffusers pipeline, the bundled evaluators, or a Hub causal LM
+    (answers capped at `max_new_tokens`)."""
+    if preset.kind == "image-generation":
+        return DiffusionRunner(preset.base_model_path)
     if preset.bundled:
         from .evaluation import evaluator_for
 

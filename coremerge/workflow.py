@@ -8,10 +8,11 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from .compare import (ClassificationComparison, TextComparison, Variant, compare_classification, compare_text,
                       sample_images, variants_of, warm_up_classification)
+from .diffusion_compare import GenerationSettings, ImageGrid, LoraEntry, compare_images
 from .errors import CoreMergeError
 from .insights import MergeInsights, merge_insights
 from .limits import LIMITS, Limits
@@ -68,7 +69,7 @@ class MergeOutcome:
 
     report: dict
     names: list[str]
-    comparison: Union[ClassificationComparison, TextComparison]
+    comparison: Union[ClassificationComparison, TextComparison, ImageGrid]
     insights: MergeInsights
     adapter_folder: Path  # the merged peft folder, with its model card
     zip_path: Path
@@ -85,7 +86,7 @@ def check_request(request: MergeRequest, limits: Limits = LIMITS) -> None:
     for number, row in enumerate(request.adapters, 1):
         if not row.source.strip():
             raise CoreMergeError(f"adapter row {number}: the source is empty; give a Hub ID or a path")
-    if request.preset.kind == "text-generation":
+    if request.preset.kind in ("text-generation", "image-generation"):
         if not request.prompts:
             raise CoreMergeError("prompts: none given; write one prompt per line")
         if len(request.prompts) > limits.prompts:
@@ -102,6 +103,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     preset, rows = request.preset, request.adapters
     sources = [preset.resolve(row.source.strip()) for row in rows]
     names = [row.name.strip() or f"adapter {i}" for i, row in enumerate(rows, 1)]
+    tasks = _tasks_of(preset, sources, names)
     options = replace(request.options, weights=tuple(float(row.weight) for row in rows))
     seconds, started = {}, time.perf_counter()
 
@@ -117,14 +119,14 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     seconds["explain"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    comparison = _compare(preset, rows, sources, names, folder, request.prompts,
+    comparison = _compare(preset, sources, names, tasks, folder, request.prompts,
                           lambda text: progress(0.45, desc=text))
     seconds["compare"] = time.perf_counter() - clock
 
     progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
     base_path = preset.base_model_path if preset.bundled else None
-    snippet = code_snippet(report["base_model"] or preset.base_model, "merged-adapter", preset.kind, base_path)
+    snippet = code_snippet(report, "merged-adapter", preset.kind, base_path or preset.base_model)
     write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if _is_preset_set(preset, rows)
                                         else "Merged LoRA adapter", snippet))
     zip_path = zip_folder(folder, Path(workdir) / f"coremerge-{report['method']}-{report['space']}")
@@ -139,24 +141,40 @@ def _is_preset_set(preset: Preset, rows: Sequence[AdapterRow]) -> bool:
     return [r.source for r in rows] == [a.source for a in preset.adapters]
 
 
-def _compare(preset: Preset, rows: Sequence[AdapterRow], sources: Sequence[str], names: Sequence[str],
-             merged: Path, prompts: Sequence[str], progress: Callable[[str], None]):
-    """Side by side on the preset's model: sample images (classification) or prompts (text)."""
+def _tasks_of(preset: Preset, sources: Sequence[str], names: Sequence[str]) -> list[Optional[str]]:
+    """The preset task of each source; image classification needs one for every adapter (its head)."""
     tasks_by_source = {preset.resolve(a.source): a.task for a in preset.adapters}
     tasks = [tasks_by_source.get(source) for source in sources]
-    variants = variants_of(names, sources, tasks, str(merged))
+    if preset.kind == "image-classification" and None in tasks:
+        raise CoreMergeError(f"adapter {names[tasks.index(None)]}: not one of preset {preset.name}'s adapters; image "
+                             "classification needs each adapter's task head, so only the preset's adapters can be "
+                             "compared here")
+    return tasks
+
+
+def generation_settings(preset: Preset, limits: Limits = LIMITS) -> GenerationSettings:
+    """The preset's image generation settings, within the limits on size and steps."""
+    settings = GenerationSettings(**preset.samples.generation)
+    return replace(settings, num_inference_steps=min(settings.num_inference_steps, limits.steps),
+                   width=min(settings.width, limits.image_side), height=min(settings.height, limits.image_side))
+
+
+def _compare(preset: Preset, sources: Sequence[str], names: Sequence[str], tasks: Sequence[Optional[str]],
+             merged: Path, prompts: Sequence[str], progress: Callable[[str], None]):
+    """Side by side on the preset's model: sample images (classification), prompts (text) or generated images."""
     with RUNNER_LOCK:
         runner = runner_for(preset.name, preset.folder)
         if preset.kind == "image-classification":
-            unknown = [name for name, task in zip(names, tasks) if task is None]
-            if unknown:
-                raise CoreMergeError(f"adapter {unknown[0]}: not one of preset {preset.name}'s adapters; image "
-                                     "classification needs each adapter's task head, so only the preset's adapters "
-                                     "can be compared here")
-            return compare_classification(runner, sample_images(preset.folder, preset.samples.images), variants,
-                                          progress)
+            return compare_classification(runner, sample_images(preset.folder, preset.samples.images),
+                                          variants_of(names, sources, tasks, str(merged)), progress)
         if preset.kind == "text-generation":
-            return compare_text(runner, prompts, variants, progress)
+            return compare_text(runner, prompts, variants_of(names, sources, tasks, str(merged)), progress)
+        if preset.kind == "image-generation":
+            progress("generating images: base, each LoRA, merged")
+            triggers = {preset.resolve(a.source): a.trigger or "" for a in preset.adapters}
+            loras = [LoraEntry(name, source, triggers.get(source, "")) for name, source in zip(names, sources)]
+            return compare_images(runner.pipe, loras, merged, prompts, generation_settings(preset),
+                                  merged_name="Merged")
     raise CoreMergeError(f"preset {preset.name}: comparison of {preset.kind} is not available yet")
 
 

@@ -94,21 +94,21 @@ def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
 
 
 def preset_view(name: str) -> tuple[list[list], str, str, str, bool]:
-    """A preset's adapter rows, description, base model line, prompts text and whether prompts apply."""
+    """A preset's adapter rows, description, base model line, prompts text and whether it uses prompts."""
     preset = find_preset(name)
     rows = [[a.source, a.name, a.weight] for a in preset.adapters]
     where = "bundled, works offline" if preset.bundled else "needs the Hugging Face Hub"
     description = f"**{preset.title}** ({preset.kind}, {where}). {preset.description}"
     return (rows, description, describe_adapters(preset, preset.adapter_sources), default_prompts_text(preset),
-            preset.kind == "text-generation")
+            preset.kind in ("text-generation", "image-generation"))
 
 
 @user_errors
 def show_preset(name: str):
     """Preset picked: its adapter rows, description, base model, prompts (text presets only), merge defaults."""
-    rows, description, base, prompts, is_text = preset_view(name)
+    rows, description, base, prompts, uses_prompts = preset_view(name)
     defaults = find_preset(name).merge
-    return (rows, description, base, gr.update(value=prompts, visible=is_text),
+    return (rows, description, base, gr.update(value=prompts, visible=uses_prompts),
             defaults.method, defaults.space, defaults.alpha)
 
 
@@ -154,7 +154,8 @@ def build_request(preset_name: str, table, method: str, space: str, alpha: float
     params = {p.name: value for p, value in zip(PARAMETERS, parameter_values) if p.name in takes and value is not None}
     options = MergeOptions.create(method=method, space=space, alpha=float(alpha), isotropize=bool(isotropize),
                                   rank=int(rank) if rank else None, **params)
-    prompts = prompts_from_text(prompts_text or "") if preset.kind == "text-generation" else ()
+    uses_prompts = preset.kind in ("text-generation", "image-generation")
+    prompts = prompts_from_text(prompts_text or "") if uses_prompts else ()
     return MergeRequest(preset, adapter_rows(table), options, prompts)
 
 
@@ -234,5 +235,6 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 
 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
-               f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens; sample images "
-               "come from the preset.")
+               f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens, generated images "
+               f"of up to {LIMITS.image_side} px and {LIMITS.steps} steps; sample images for classification come from "
+               "the preset.")

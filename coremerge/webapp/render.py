@@ -2,9 +2,13 @@
 
 import base64
 import html
+import io
 from pathlib import Path
 
+from PIL import Image
+
 from ..compare import ClassificationComparison, TextComparison
+from ..diffusion_compare import ImageGrid
 from ..methods import METHODS
 
 STYLE = """<style>
@@ -17,6 +21,7 @@ STYLE = """<style>
 .cm-wrong {background: rgba(196, 78, 82, 0.18);}
 .cm-merged {font-weight: 700;}
 .cm-table img {width: 40px; height: 40px; image-rendering: pixelated;}
+.cm-table img.cm-generated {width: auto; height: auto; max-width: 256px; image-rendering: auto;}
 </style>"""
 
 
@@ -61,9 +66,35 @@ def text_html(comparison: TextComparison) -> str:
             f"{_header(comparison.variants, ['prompt'])}{''.join(rows)}</table>")
 
 
+THUMBNAIL = 256  # pixels, the longer side of a generated image on the page
+
+
+def _png_tag(image: Image.Image, title: str) -> str:
+    thumbnail = image.copy()
+    thumbnail.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img class="cm-generated" src="data:image/png;base64,{data}" title="{html.escape(title)}" alt="generated">'
+
+
+def image_grid_html(grid: ImageGrid) -> str:
+    """One row per prompt, one column per variant (base, each LoRA, merged), the same seed across a row."""
+    rows = []
+    for p, prompt in enumerate(grid.prompts):
+        used = grid.prompts_used[p] if grid.prompts_used else (prompt,) * len(grid.variants)
+        cells = [f'<td class="cm-text">{html.escape(prompt)}</td>']
+        cells += [f"<td>{_png_tag(image, text)}</td>" for image, text in zip(grid.images[p], used)]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
+            f"{_header(list(grid.variants), ['prompt'])}{''.join(rows)}</table>")
+
+
 def comparison_html(comparison) -> str:
     if isinstance(comparison, ClassificationComparison):
         return classification_html(comparison)
+    if isinstance(comparison, ImageGrid):
+        return image_grid_html(comparison)
     return text_html(comparison)
 
 
