@@ -103,7 +103,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     preset, rows = request.preset, request.adapters
     sources = [preset.resolve(row.source.strip()) for row in rows]
     names = [row.name.strip() or f"adapter {i}" for i, row in enumerate(rows, 1)]
-    tasks = _tasks_of(preset, sources, names)
+    tasks = _tasks_of(preset, sources)
     options = replace(request.options, weights=tuple(float(row.weight) for row in rows))
     seconds, started = {}, time.perf_counter()
 
@@ -141,15 +141,10 @@ def _is_preset_set(preset: Preset, rows: Sequence[AdapterRow]) -> bool:
     return [r.source for r in rows] == [a.source for a in preset.adapters]
 
 
-def _tasks_of(preset: Preset, sources: Sequence[str], names: Sequence[str]) -> list[Optional[str]]:
-    """The preset task of each source; image classification needs one for every adapter (its head)."""
+def _tasks_of(preset: Preset, sources: Sequence[str]) -> list[Optional[str]]:
+    """The preset task of each source (None for an adapter the user added: it gets a column, not an accuracy)."""
     tasks_by_source = {preset.resolve(a.source): a.task for a in preset.adapters}
-    tasks = [tasks_by_source.get(source) for source in sources]
-    if preset.kind == "image-classification" and None in tasks:
-        raise CoreMergeError(f"adapter {names[tasks.index(None)]}: not one of preset {preset.name}'s adapters; image "
-                             "classification needs each adapter's task head, so only the preset's adapters can be "
-                             "compared here")
-    return tasks
+    return [tasks_by_source.get(source) for source in sources]
 
 
 def generation_settings(preset: Preset, limits: Limits = LIMITS) -> GenerationSettings:

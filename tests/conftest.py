@@ -11,6 +11,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Embedding as LoraEmbedding
 from safetensors.torch import load_file, save_file
+
+from coremerge import load_adapters, merge_module
+from coremerge.merge import module_generator, module_names
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 BASE_NAME = "coremerge-tests/tiny-llama"
@@ -112,6 +115,21 @@ def peft_deltas(base_model, folder: Path) -> dict[str, torch.Tensor]:
             deltas[name] = delta.reshape(delta.shape[0], -1)
     model.unload()
     return deltas
+
+
+def expected_updates(sources, options):
+    """The merged update per module straight from the library's spaces (no export involved)."""
+    loaded = load_adapters([str(s) for s in sources])
+    weights = options.weights_for(len(loaded))
+    updates = {}
+    for name in module_names(loaded):
+        tasks = []
+        for weight, adapter in zip(weights, loaded):
+            if name in adapter.modules:
+                with adapter.open() as reader:
+                    tasks.append(adapter.read_factors(reader, name, weight))
+        updates[name] = merge_module(tasks, options, module_generator(int(options.params.get("seed", 0)), name))
+    return updates
 
 
 def read_config(folder: Path) -> dict:

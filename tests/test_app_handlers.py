@@ -114,12 +114,19 @@ def test_identical_merges_are_cached_and_failures_leave_nothing_behind(fresh_cac
     assert len(fresh_cache.folders()) == 2
 
 
-def test_merge_of_an_adapter_without_a_task_head_is_refused_with_its_name(fresh_cache, adapters):
+def test_an_added_adapter_gets_a_column_and_one_of_another_base_model_is_refused(fresh_cache, adapters, tmp_path):
+    import shutil
+
+    shutil.copytree(DIGITS.resolve(THREE_ROWS[0][0]), tmp_path / "my-rotate90")  # not one of the preset's
+    summary, comparison, accuracy, *_ = merge(rows=THREE_ROWS[1:] + [[str(tmp_path / "my-rotate90"), "Mine", 1.0]])
+    assert "<th>Mine</th>" in comparison  # labelled with each image's own task head
+    assert "Average normalized accuracy" in summary  # over the two preset tasks in the list
+
     rows = THREE_ROWS[:1] + [[str(adapters["plain"]), "Llama LoRA", 1.0]]
     assert app_error(merge, rows=rows) == (
         f"{adapters['plain']} was trained on coremerge-tests/tiny-llama but {DIGITS.resolve(THREE_ROWS[0][0])} on "
         "coremerge/digits-vit; only adapters of the same base model can be merged")
-    assert fresh_cache.folders() == []
+    assert len(fresh_cache.folders()) == 1
 
 
 def test_limits_are_enforced(fresh_cache):

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS, convert_state_dict
 
-from coremerge import METHODS, MergeOptions, load_adapter, load_adapters, merge_module, merge_to_folder
+from coremerge import METHODS, MergeOptions, load_adapter, load_adapters, merge_to_folder
 from coremerge.cli import main
 from coremerge.diffusion_compare import GenerationSettings, LoraEntry, compare_images
 from coremerge.diffusion_family import SD1, SDXL, UNKNOWN, is_diffusion_set
-from coremerge.merge import module_generator, module_names
 
+from conftest import expected_updates
 from tiny_diffusion import add_lora, lora_deltas, tiny_sd15, tiny_sdxl, tiny_tokenizer, write_kohya
 
 # Targets (peft regexes) few enough to keep the tests fast, covering every kind of module kohya names differently:
@@ -177,21 +177,6 @@ def test_kohya_sdxl_names_and_kernels(loras):
 def test_diffusion_sets_are_told_apart(loras, adapters):
     assert is_diffusion_set(load_adapters([str(loras["files"]["kohya_sdxl"]), str(loras["files"]["diffusers_sdxl"])]))
     assert not is_diffusion_set(load_adapters([str(adapters["plain"])]))
-
-
-def expected_updates(sources, options):
-    """The merged update per module straight from the library's spaces (no export involved)."""
-    loaded = load_adapters([str(s) for s in sources])
-    weights = options.weights_for(len(loaded))
-    updates = {}
-    for name in module_names(loaded):
-        tasks = []
-        for weight, adapter in zip(weights, loaded):
-            if name in adapter.modules:
-                with adapter.open() as reader:
-                    tasks.append(adapter.read_factors(reader, name, weight))
-        updates[name] = merge_module(tasks, options, module_generator(int(options.params.get("seed", 0)), name))
-    return updates
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,10 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from coremerge import METHODS, MergeOptions, load_adapters, merge_module, merge_to_folder
+from coremerge import METHODS, MergeOptions, merge_to_folder
 from coremerge.cli import main
-from coremerge.merge import module_generator, module_names
 
-from conftest import BASE_NAME, peft_deltas, read_config, tiny_llama, tiny_resnet
-
-
-def expected_updates(sources, options):
-    """The merged update per module straight from the library's spaces (no export involved)."""
-    loaded = load_adapters([str(s) for s in sources])
-    weights = options.weights_for(len(loaded))
-    updates = {}
-    for name in module_names(loaded):
-        tasks = []
-        for weight, adapter in zip(weights, loaded):
-            if name in adapter.modules:
-                with adapter.open() as reader:
-                    tasks.append(adapter.read_factors(reader, name, weight))
-        updates[name] = merge_module(tasks, options, module_generator(int(options.params.get("seed", 0)), name))
-    return updates
+from conftest import BASE_NAME, expected_updates, peft_deltas, read_config, tiny_llama, tiny_resnet
 
 
 @pytest.mark.parametrize("space", ["core", "full", "knots"])
