@@ -182,6 +182,17 @@ def evaluate(output: Path) -> dict:
         "adapters": {task: table[task][task] for task in tasks},
         "merged_tsv": table["merged"],
         "adapter_by_task": {task: table[task] for task in tasks},
+        "quick": quick_check(output, tasks),
+    }
+
+
+def quick_check(output: Path, tasks: list[str]) -> dict:
+    """The same figures on the first CHECK_SIZE test inputs only, which the fast tests reproduce."""
+    evaluator = strings.StringsEvaluator(str(output / "base"), n=strings.CHECK_SIZE)
+    return {
+        "n": evaluator.n,
+        "base": {task: evaluator.accuracy(task, None, "test") for task in tasks},
+        "adapters": {task: evaluator.accuracy(task, str(output / "adapters" / task), "test") for task in tasks},
     }
 
 

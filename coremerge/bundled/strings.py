@@ -22,6 +22,7 @@ MAX_POSITIONS = 96
 MIN_LENGTH, MAX_LENGTH = 3, 8  # task input lengths
 SPLITS = ("train", "validation", "test")
 EVAL_SIZE = 100  # inputs per task and split, in recorded accuracies and the benchmark
+CHECK_SIZE = 20  # inputs per task in the quick figures that the tests reproduce
 
 
 def tokenizer() -> ByT5Tokenizer:
