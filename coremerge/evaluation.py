@@ -37,6 +37,10 @@ def evaluator_for(preset: Preset) -> Evaluator:
         from .bundled.digits import DigitsEvaluator
 
         return DigitsEvaluator(preset.base_model_path, {a.task: preset.resolve(a.source) for a in preset.adapters})
+    if preset.kind == "text-generation":
+        from .bundled.strings import StringsEvaluator
+
+        return StringsEvaluator(preset.base_model_path, tasks=[a.task for a in preset.adapters])
     raise CoreMergeError(f"preset {preset.name}: no evaluation for kind {preset.kind}")
 
 
