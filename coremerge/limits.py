@@ -8,7 +8,7 @@ class Limits:
     """What one request may ask for (stated in the UI)."""
 
     adapters: int = 10
-    prompts: int = 8
+    prompts: int = 12
     prompt_chars: int = 400
     new_tokens: int = 128  # generated per prompt and variant
     image_side: int = 1024  # pixels, width and height of generated images
