@@ -175,3 +175,20 @@ def test_the_gpu_function_arguments_and_result_pickle_for_zerogpu(tmp_path):
     assert restored.report == outcome.report and restored.comparison == outcome.comparison
     assert restored.insights == outcome.insights and restored.zip_path == outcome.zip_path
     assert {m["output_rank"] for m in outcome.report["modules"].values()} == {4}  # the rank control reached it
+
+
+def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_its_task(fresh_cache):
+    import re
+
+    rows, description, base, prompts, uses_prompts = handlers.preset_view("strings")
+    assert uses_prompts and prompts.splitlines()[0] == "upper: banana\\n"
+    outputs = handlers.merge_and_compare("strings", rows, "ta", "core", 0.5, False, None, "upper: banana\\n\ndouble: eggs",
+                                         lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
+    table = outputs[1]
+    cells = [re.findall(r'<td class="cm-text">(.*?)</td>', row) for row in table.split("<tr>")[2:]]
+    assert [row[0] for row in cells] == ["upper: banana", "double: eggs"]
+    header = re.findall(r"<th>(.*?)</th>", table)
+    assert header == ["prompt", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
+    assert cells[0][header.index("Upper case")] == "BANANA"
+    assert cells[1][header.index("Double letters")] == "eeggggss"
+    assert not outputs[2]["visible"]  # no accuracy chart for text
