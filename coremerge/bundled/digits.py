@@ -1,9 +1,11 @@
 """The bundled vision preset: eight tasks over scikit-learn's 8x8 digits on one tiny ViT.
 
-The tasks differ in input domain (rotated, mirrored, inverted, noisy, shifted, transposed,
-blurred, low-contrast digits) and in label set (digit, parity, "greater than 4"), so that their
-adapters conflict when merged, as the paper's eight vision datasets do. Each task keeps its own
-classification head (unmerged, as in the paper); only the backbone adapters are merged.
+The tasks differ in input domain (rotated, mirrored, inverted, noisy, bold, upside-down,
+transposed, blurred low-contrast digits) and in label set (digit, parity, "greater than 4"). As in
+the paper, where each dataset's head is the frozen text embedding of its class names, each task
+has its own frozen head: fixed class embeddings (`task_head`), so the base model is at chance
+with it and the adapter has to move the backbone's features onto them. Only the backbone
+adapters are merged; the heads stay per task.
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,12 @@ def _blur(x: np.ndarray) -> np.ndarray:
 
 
 def _noise(x: np.ndarray) -> np.ndarray:
-    return np.clip(x + np.random.default_rng(1).normal(0, 0.15, x.shape), 0, 1)
+    return np.clip(x + np.random.default_rng(1).normal(0, 0.1, x.shape), 0, 1)
+
+
+def _bold(x: np.ndarray) -> np.ndarray:
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1)))
+    return np.maximum.reduce([padded[:, i:i + 8, j:j + 8] for i in range(2) for j in range(2)])
 
 
 @dataclass(frozen=True)
@@ -54,9 +61,8 @@ TASKS: dict[str, DigitsTask] = {t.name: t for t in (
     DigitsTask("rotate90", "digits rotated by 90 degrees", lambda x: np.rot90(x, 1, axes=(1, 2)), DIGIT_LABELS, _digit),
     DigitsTask("mirror", "mirrored digits", lambda x: x[:, :, ::-1], DIGIT_LABELS, _digit),
     DigitsTask("invert", "inverted digits (dark on light)", lambda x: 1 - x, DIGIT_LABELS, _digit),
-    DigitsTask("noisy", "digits with strong Gaussian noise", _noise, DIGIT_LABELS, _digit),
-    DigitsTask("shifted", "digits shifted by two pixels, wrapping around",
-               lambda x: np.roll(x, (2, 2), axis=(1, 2)), DIGIT_LABELS, _digit),
+    DigitsTask("noisy", "digits with Gaussian noise", _noise, DIGIT_LABELS, _digit),
+    DigitsTask("bold", "bold digits (strokes thickened by one pixel)", _bold, DIGIT_LABELS, _digit),
     DigitsTask("parity", "upside-down digits, labelled even or odd", lambda x: x[:, ::-1, ::-1],
                ("even", "odd"), lambda y: y % 2),
     DigitsTask("greater4", "transposed digits, labelled 0-4 or 5-9", lambda x: np.swapaxes(x, 1, 2),
@@ -87,9 +93,9 @@ def task_data(task: Optional[str], split: str) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None], torch.from_numpy(y)
 
 
-def vit_config() -> ViTConfig:
-    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+def vit_config(hidden: int = 96) -> ViTConfig:
+    return ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=2 * hidden, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
 
 
@@ -99,7 +105,24 @@ def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def new_head(task: Optional[str], hidden: int) -> nn.Linear:
+    """A trainable head: 10 digit classes for plain digits (pretraining), else the task's labels."""
     return nn.Linear(hidden, len(TASKS[task].labels) if task else 10)
+
+
+def task_head(task: str, hidden: int) -> nn.Linear:
+    """The task's frozen head: orthonormal class embeddings drawn with a seed of its own (no bias).
+
+    The analogue of the paper's frozen zero-shot heads (text embeddings of each dataset's class
+    names): one fixed head per task, unrelated to the others, that the base model knows nothing of.
+    """
+    generator = torch.Generator().manual_seed(100 + list(TASKS).index(task))
+    embeddings, _ = torch.linalg.qr(torch.randn(hidden, len(TASKS[task].labels), generator=generator))
+    head = nn.Linear(hidden, len(TASKS[task].labels))
+    with torch.no_grad():
+        head.weight.copy_(embeddings.T)  # (classes, hidden), orthonormal rows
+        head.bias.zero_()
+    head.requires_grad_(False)
+    return head.eval()
 
 
 def save_head(head: nn.Linear, folder: Path) -> None:
