@@ -69,7 +69,7 @@ class MergeOutcome:
 
     report: dict
     names: list[str]
-    comparison: Union[ClassificationComparison, TextComparison, ImageGrid]
+    comparison: Union[ClassificationComparison, TextComparison, ImageGrid, None]  # None: not for this preset yet
     insights: MergeInsights
     adapter_folder: Path  # the merged peft folder, with its model card
     zip_path: Path
@@ -154,9 +154,17 @@ def generation_settings(preset: Preset, limits: Limits = LIMITS) -> GenerationSe
                    width=min(settings.width, limits.image_side), height=min(settings.height, limits.image_side))
 
 
+def has_comparison(preset: Preset) -> bool:
+    """Side by side runs for text and image generation, and for the bundled classification presets (their heads);
+    Hub classification presets (CLIP zero-shot heads) are merged without it for now."""
+    return preset.kind != "image-classification" or preset.bundled
+
+
 def _compare(preset: Preset, sources: Sequence[str], names: Sequence[str], tasks: Sequence[Optional[str]],
              merged: Path, prompts: Sequence[str], progress: Callable[[str], None]):
     """Side by side on the preset's model: sample images (classification), prompts (text) or generated images."""
+    if not has_comparison(preset):
+        return None
     with RUNNER_LOCK:
         runner = runner_for(preset.name, preset.folder)
         if preset.kind == "image-classification":

@@ -150,7 +150,7 @@ def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(f
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     needs_hub = "preset tinyllama-tasks needs the Hugging Face Hub: "
-    works = "; the bundled presets work offline: digits"
+    works = "; the bundled presets work offline: digits, strings"
     rows, description, base, prompts, method, space, alpha = handlers.show_preset("tinyllama-tasks")
     assert "needs the Hugging Face Hub" in description and prompts["visible"]
     assert base.startswith(f"⚠️ {needs_hub}") and base.endswith(works)
@@ -192,3 +192,12 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
     assert cells[0][header.index("Upper case")] == "BANANA"
     assert cells[1][header.index("Double letters")] == "eeggggss"
     assert not outputs[2]["visible"]  # no accuracy chart for text
+
+
+def test_hub_classification_presets_are_merged_without_a_side_by_side_for_now():
+    from coremerge.webapp.render import comparison_html
+    from coremerge.workflow import has_comparison
+
+    assert not has_comparison(find_preset("knots-vit-b32"))  # CLIP zero-shot heads: not built yet
+    assert all(has_comparison(find_preset(name)) for name in ("digits", "strings", "tinyllama-tasks", "sdxl-styles"))
+    assert comparison_html(None).startswith('<p id="cm-no-comparison">')

@@ -91,6 +91,9 @@ def image_grid_html(grid: ImageGrid) -> str:
 
 
 def comparison_html(comparison) -> str:
+    if comparison is None:
+        return ('<p id="cm-no-comparison">No side-by-side comparison for this preset yet: the merged adapter, its '
+                "report and the download are ready.</p>")
     if isinstance(comparison, ClassificationComparison):
         return classification_html(comparison)
     if isinstance(comparison, ImageGrid):
