@@ -69,6 +69,7 @@ class MergeOutcome:
 
     report: dict
     names: list[str]
+    sources: list[str]  # as the rows gave them (preset-relative paths stay short)
     comparison: Union[ClassificationComparison, TextComparison, ImageGrid, None]  # None: not for this preset yet
     insights: MergeInsights
     adapter_folder: Path  # the merged peft folder, with its model card
@@ -133,8 +134,8 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     seconds["package"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     progress(1.0, desc="done")
-    return MergeOutcome(report, names, comparison, insights, folder, zip_path, snippet,
-                        {k: round(v, 3) for k, v in seconds.items()})
+    return MergeOutcome(report, names, [row.source.strip() for row in rows], comparison, insights, folder, zip_path,
+                        snippet, {k: round(v, 3) for k, v in seconds.items()})
 
 
 def _is_preset_set(preset: Preset, rows: Sequence[AdapterRow]) -> bool:

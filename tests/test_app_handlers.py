@@ -76,6 +76,7 @@ def test_merge_and_compare_shows_every_variant_and_a_zip_that_peft_loads_with_th
     assert accuracy["visible"] and accuracy["value"] is not None
     assert "Average normalized accuracy of the merge" in summary and "**Task Arithmetic**" in summary
     assert "| merging |" in report and len(ranks) == 24 and spectra is not None and overlap is not None
+    assert f"| {THREE_ROWS[0][1]} | `{THREE_ROWS[0][0]}` |" in report  # sources as the rows give them
 
     folder = tmp_path / "unzipped"
     zipfile.ZipFile(zip_path).extractall(folder)

@@ -188,7 +188,7 @@ def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
         summary_markdown(outcome.report, comparison, outcome.seconds),
         comparison_html(comparison),
         gr.update(value=accuracy_chart(accuracy) if accuracy else None, visible=bool(accuracy)),
-        report_markdown(outcome.report, outcome.seconds, names, cached),
+        report_markdown(outcome.report, outcome.seconds, names, cached, outcome.sources),
         rank_rows(outcome.report, names),
         spectra_chart(outcome.insights, names),
         overlap_chart(outcome.insights, names),

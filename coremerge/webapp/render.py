@@ -4,6 +4,7 @@ import base64
 import html
 import io
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 
@@ -105,8 +106,11 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def report_markdown(report: dict, seconds: dict[str, float], names: list[str], cached: bool) -> str:
-    """The merge report: method, parameters, time per stage, sizes."""
+def report_markdown(report: dict, seconds: dict[str, float], names: list[str], cached: bool,
+                    sources: Sequence[str] = ()) -> str:
+    """The merge report: method, parameters, time per stage, sizes; `sources` as the user gave them
+    (default: as resolved, e.g. absolute paths of a preset's files)."""
+    shown = list(sources) or [s["source"] for s in report["sources"]]
     method = METHODS[report["method"]]
     params = ", ".join(f"{k} = {v:g}" for k, v in report["params"].items()) or "none"
     ranks = [m["output_rank"] for m in report["modules"].values() if m["output_rank"] > 0]
@@ -131,8 +135,8 @@ def report_markdown(report: dict, seconds: dict[str, float], names: list[str], c
         "",
         "| adapter | source | size |",
         "|---|---|---|",
-        *[f"| {html.escape(name)} | `{s['source']}` | {_megabytes(s['bytes'])} |"
-          for name, s in zip(names, report["sources"])],
+        *[f"| {html.escape(name)} | `{source}` | {_megabytes(s['bytes'])} |"
+          for name, source, s in zip(names, shown, report["sources"])],
         f"| **merged** | | **{_megabytes(report['bytes']['out'])}** |",
     ]
     return "\n".join(lines)
