@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .bundled.switching import activate_adapter, forget_adapter
 from .errors import CoreMergeError
 from .limits import LIMITS
 from .presets import Preset, find_preset
@@ -18,9 +19,6 @@ class CausalLMRunner:
     def __init__(self, base_model: str, max_new_tokens: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .bundled.switching import activate_adapter, forget_adapter
-
-        self._activate, self._forget = activate_adapter, forget_adapter
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)
         if self.tokenizer.pad_token is None:
@@ -43,11 +41,11 @@ class CausalLMRunner:
                 return run(self.model)
             with self.model.disable_adapter():
                 return run(self.model)
-        self._activate(self, adapter)
+        activate_adapter(self, adapter)
         return run(self.model)
 
     def forget(self, adapter: str) -> None:
-        self._forget(self, adapter)
+        forget_adapter(self, adapter)
 
 
 class DiffusionRunner:

@@ -24,7 +24,6 @@ from .presets import Preset
 from .runners import RUNNER_LOCK, runner_for
 
 
-
 class Progress(Protocol):
     """gr.Progress's call: a fraction done and what is being done (a gr.Progress pickles, for ZeroGPU)."""
 
@@ -33,8 +32,6 @@ class Progress(Protocol):
 
 def no_progress(fraction: float, desc: str = "") -> None:
     pass
-
-
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     clock = time.perf_counter()
     base_path = preset.base_model_path if preset.bundled else None
     snippet = code_snippet(report, "merged-adapter", preset.kind, base_path or preset.base_model)
-    write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if _is_preset_set(preset, rows)
+    write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if uses_preset_adapters(request)
                                         else "Merged LoRA adapter", snippet))
     zip_path = zip_folder(folder, Path(workdir) / f"coremerge-{report['method']}-{report['space']}")
     seconds["package"] = time.perf_counter() - clock
@@ -138,8 +135,9 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
                         snippet, {k: round(v, 3) for k, v in seconds.items()})
 
 
-def _is_preset_set(preset: Preset, rows: Sequence[AdapterRow]) -> bool:
-    return [r.source for r in rows] == [a.source for a in preset.adapters]
+def uses_preset_adapters(request: MergeRequest) -> bool:
+    """The rows are exactly the preset's own adapters (in its order)."""
+    return [row.source for row in request.adapters] == [a.source for a in request.preset.adapters]
 
 
 def _tasks_of(preset: Preset, sources: Sequence[str]) -> list[Optional[str]]:

@@ -21,7 +21,7 @@ from ..options import MergeOptions
 from ..plots import accuracy_chart, overlap_chart, spectra_chart
 from ..presets import Preset, find_preset, list_presets
 from ..workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
-                        prompts_from_text, run_merge, warm_up)
+                        prompts_from_text, run_merge, uses_preset_adapters, warm_up)
 from .cache import ResultCache
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
 
@@ -209,7 +209,7 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     key = request.key()
     outcome = CACHE.get(key)
     cached = outcome is not None
-    if outcome is None and [row.source for row in request.adapters] == [a.source for a in request.preset.adapters]:
+    if outcome is None and uses_preset_adapters(request):
         # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
         require_available(request.preset, base_model=has_comparison(request.preset))
     if outcome is None:
