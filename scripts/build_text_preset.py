@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from coremerge import MergeOptions, merge_to_folder
 from coremerge.bundled import strings
+from coremerge.bundled.reproducible import make_reproducible
 from coremerge.presets import MANIFEST_NAME, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,16 +163,6 @@ def build_adapter(base_folder: Path, task: str, folder: Path, steps: int, seed: 
     train(peft_model, lambda step: [own(step), others(step)], steps, ADAPTER_LR, f"adapter {task}")
     peft_model.save_pretrained(str(folder))
     make_reproducible(folder)
-
-
-def make_reproducible(folder: Path) -> None:
-    """Same bytes on every build: peft writes target_modules from a set (its order varies between runs)
-    and a model card naming the local base folder; sort the one, drop the other."""
-    config_file = folder / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["target_modules"] = sorted(config["target_modules"])
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "README.md").unlink(missing_ok=True)
 
 
 def evaluate(output: Path) -> dict:

@@ -5,7 +5,8 @@
 1. Pretrain a small ViT broadly: digit recognition on plain digits and on each task's input domain
    (train split), one throw-away digit head per domain, so the backbone's features are general.
 2. Fine-tune one LoRA adapter per task (r=8 on the attention and MLP linears) against the task's
-   frozen head (`task_head`: fixed class embeddings the base model has never seen).
+   frozen head (`task_head`: fixed class embeddings the base model has never seen, orthogonal to
+   every other task's).
 3. Record each model's test accuracy, write sample images and a sha256 manifest.
 """
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from coremerge.bundled.digits import (BASE_NAME, TASKS, features, load_backbone, load_head, new_head, save_head,
                                       task_data, task_head, vit_config)
+from coremerge.bundled.reproducible import make_reproducible
 from coremerge.presets import write_manifest
 from transformers import ViTModel
 
@@ -29,7 +31,7 @@ LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o
 SAMPLES_PER_TASK = 3
 HIDDEN = 96
 PRETRAIN_EPOCHS, PRETRAIN_LR = 80, 3e-3
-ADAPTER_EPOCHS, LORA_LR = 30, 3e-3
+ADAPTER_EPOCHS, LORA_LR = 45, 2e-3
 BATCH = 64
 
 
@@ -101,19 +103,21 @@ def finetune(output: Path, task: str) -> None:
     train(parameters, model, head, task, epochs=ADAPTER_EPOCHS, lr=LORA_LR, desc=task)
     folder = output / "adapters" / task
     model.save_pretrained(str(folder))
-    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model card, with this machine's paths
+    make_reproducible(folder)
     save_head(head, folder)
 
 
 def write_samples(output: Path) -> list[dict]:
+    """A few test images per task, other digits for each task (the preset file lists the same ones)."""
     samples = []
-    for task_name, task in TASKS.items():
+    for number, (task_name, task) in enumerate(TASKS.items()):
         x, y = task_data(task_name, "test")
         for i in range(SAMPLES_PER_TASK):
+            image = SAMPLES_PER_TASK * number + i
             path = Path("samples") / f"{task_name}-{i}.png"
             (output / path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8), mode="L").save(output / path)
-            samples.append({"path": f"digits/{path}", "task": task_name, "label": task.labels[int(y[i])]})
+            Image.fromarray((x[image, 0].numpy() * 255).round().astype(np.uint8), mode="L").save(output / path)
+            samples.append({"path": f"digits/{path}", "task": task_name, "label": task.labels[int(y[image])]})
     return samples
 
 

@@ -28,7 +28,7 @@ def merge(client: Client, rows, method="ta", alpha=0.4):
 def test_default_preset_merge_compare_and_download_through_the_server(app_server, tmp_path):
     client = Client(app_server, verbose=False)
     rows, description, base, prompts, method, space, alpha = client.predict("digits", api_name="/show_preset")
-    assert (method, space, alpha) == ("tsv", "core", 0.5)
+    assert (method, space, alpha) == ("tsv", "core", 0.7)  # the preset file's merge defaults
     assert len(rows["data"]) == 8 and "coremerge/digits-vit" in base
 
     summary, comparison, accuracy, report, ranks, spectra, overlap, zip_path, snippet = merge(client, rows["data"])

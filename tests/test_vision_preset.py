@@ -1,6 +1,10 @@
 """The bundled vision preset: committed files, recorded accuracies, and a merge that beats the base."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ from coremerge import MergeOptions, load_adapter, merge_to_folder
 from coremerge.bundled.digits import BASE_NAME, TASKS, DigitsEvaluator, load_head, task_head
 from coremerge.evaluation import Scores, evaluator_for, merged_accuracies, reference_scores
 from coremerge.presets import check_manifest, find_preset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def test_adapters_reproduce_recorded_accuracies(preset, evaluator, recorded):
     scores = reference_scores(preset, evaluator, "test")
     assert scores.individual == pytest.approx(recorded["adapters"], abs=1e-9)
     assert scores.base == pytest.approx(recorded["base"], abs=1e-9)
-    assert min(scores.individual.values()) >= 0.91  # target 0.95; the bold-digits adapter reaches 0.917
+    assert min(scores.individual.values()) >= 0.95
     weak = [t for t in TASKS if scores.base[t] < scores.individual[t] - 0.2]
     assert len(weak) >= 6, scores.base  # the base is weak on most tasks
 
@@ -53,9 +59,10 @@ def test_each_task_keeps_its_own_frozen_head(preset, evaluator):
     heads = [load_head(preset.resolve(a.source)) for a in preset.adapters]
     for adapter, head in zip(preset.adapters, heads):
         expected = task_head(adapter.task, head.in_features)
-        assert torch.equal(head.weight, expected.weight) and torch.equal(head.bias, expected.bias)
-    first, second = heads[0].weight, heads[1].weight  # unrelated class embeddings: near-orthogonal
-    assert (first @ second.T).abs().max() < 0.5
+        # the saved head is the one task_head draws (up to the last bits of a QR on other thread counts)
+        assert torch.allclose(head.weight, expected.weight, atol=1e-6) and torch.equal(head.bias, expected.bias)
+    embeddings = torch.cat([head.weight for head in heads])  # every class of every task: one orthonormal set
+    assert torch.allclose(embeddings @ embeddings.T, torch.eye(len(embeddings)), atol=1e-5)
 
 
 def test_a_merge_beats_the_base_on_average(preset, evaluator, recorded, tmp_path):
@@ -79,3 +86,14 @@ def test_predictions_name_the_task_labels(evaluator, preset):
     own = next(preset.resolve(a.source) for a in preset.adapters if a.task == image.task)
     [label] = evaluator.predict(image.task, torch.from_numpy(pixels)[None, None], own)
     assert label == image.label
+
+
+@pytest.mark.skipif(not os.environ.get("COREMERGE_SLOW"), reason="rebuilds the preset (about 15 min); COREMERGE_SLOW=1")
+def test_build_script_reproduces_the_preset(tmp_path, recorded):
+    output = tmp_path / "digits"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_vision_preset.py"), "--output", str(output)],
+                   check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    check_manifest(output)
+    rebuilt = json.loads((output / "accuracy.json").read_text())
+    assert rebuilt["adapters"] == pytest.approx(recorded["adapters"], abs=0.03)
+    assert rebuilt["base"] == pytest.approx(recorded["base"], abs=0.05)

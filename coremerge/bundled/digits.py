@@ -1,7 +1,7 @@
 """The bundled vision preset: eight tasks over scikit-learn's 8x8 digits on one tiny ViT.
 
-The tasks differ in input domain (rotated, mirrored, inverted, noisy, bold, upside-down,
-transposed, blurred low-contrast digits) and in label set (digit, parity, "greater than 4"). As in
+The tasks differ in input domain (rotated, mirrored, inverted, noisy, plain, rotated by 180
+degrees, transposed, flipped digits) and in label set (digit, closed loops, parity, "greater than 4"). As in
 the paper, where each dataset's head is the frozen text embedding of its class names, each task
 has its own frozen head: fixed class embeddings (`task_head`), so the base model is at chance
 with it and the adapter has to move the backbone's features onto them. Only the backbone
@@ -24,21 +24,14 @@ from .switching import activate_adapter, forget_adapter
 HEAD_NAME = "head.safetensors"
 BASE_NAME = "coremerge/digits-vit"  # the base model name recorded in the adapters
 SPLIT_SEED = 0
+HEAD_SEED = 100
 SPLITS = ("train", "validation", "test")
-
-
-def _blur(x: np.ndarray) -> np.ndarray:
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
-    return sum(padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)) / 9
 
 
 def _noise(x: np.ndarray) -> np.ndarray:
     return np.clip(x + np.random.default_rng(1).normal(0, 0.1, x.shape), 0, 1)
 
 
-def _bold(x: np.ndarray) -> np.ndarray:
-    padded = np.pad(x, ((0, 0), (0, 1), (0, 1)))
-    return np.maximum.reduce([padded[:, i:i + 8, j:j + 8] for i in range(2) for j in range(2)])
 
 
 @dataclass(frozen=True)
@@ -51,6 +44,7 @@ class DigitsTask:
 
 
 DIGIT_LABELS = tuple(str(d) for d in range(10))
+LOOPS = np.array([1, 0, 0, 0, 1, 0, 1, 0, 2, 1])  # closed loops in each digit as commonly written
 
 
 def _digit(y):
@@ -62,12 +56,13 @@ TASKS: dict[str, DigitsTask] = {t.name: t for t in (
     DigitsTask("mirror", "mirrored digits", lambda x: x[:, :, ::-1], DIGIT_LABELS, _digit),
     DigitsTask("invert", "inverted digits (dark on light)", lambda x: 1 - x, DIGIT_LABELS, _digit),
     DigitsTask("noisy", "digits with Gaussian noise", _noise, DIGIT_LABELS, _digit),
-    DigitsTask("bold", "bold digits (strokes thickened by one pixel)", _bold, DIGIT_LABELS, _digit),
-    DigitsTask("parity", "upside-down digits, labelled even or odd", lambda x: x[:, ::-1, ::-1],
+    DigitsTask("loops", "plain digits, labelled by their number of closed loops", lambda x: x,
+               ("no loop", "one loop", "two loops"), lambda y: LOOPS[y]),
+    DigitsTask("parity", "digits rotated by 180 degrees, labelled even or odd", lambda x: x[:, ::-1, ::-1],
                ("even", "odd"), lambda y: y % 2),
     DigitsTask("greater4", "transposed digits, labelled 0-4 or 5-9", lambda x: np.swapaxes(x, 1, 2),
                ("0-4", "5-9"), lambda y: (y > 4).astype(np.int64)),
-    DigitsTask("blurred", "blurred low-contrast digits", lambda x: 0.4 + 0.3 * _blur(x), DIGIT_LABELS, _digit),
+    DigitsTask("flipped", "digits flipped upside down", lambda x: x[:, ::-1], DIGIT_LABELS, _digit),
 )}
 
 
@@ -110,16 +105,20 @@ def new_head(task: Optional[str], hidden: int) -> nn.Linear:
 
 
 def task_head(task: str, hidden: int) -> nn.Linear:
-    """The task's frozen head: orthonormal class embeddings drawn with a seed of its own (no bias).
+    """The task's frozen head: orthonormal class embeddings, no bias.
 
     The analogue of the paper's frozen zero-shot heads (text embeddings of each dataset's class
-    names): one fixed head per task, unrelated to the others, that the base model knows nothing of.
+    names): one fixed head per task that the base model knows nothing of. All tasks' class
+    embeddings come from one seeded orthonormal basis, so no two heads read the same direction:
+    the tasks meet, and conflict, inside the merged backbone, not in their heads.
     """
-    generator = torch.Generator().manual_seed(100 + list(TASKS).index(task))
-    embeddings, _ = torch.linalg.qr(torch.randn(hidden, len(TASKS[task].labels), generator=generator))
-    head = nn.Linear(hidden, len(TASKS[task].labels))
+    sizes = {name: len(spec.labels) for name, spec in TASKS.items()}
+    generator = torch.Generator().manual_seed(HEAD_SEED)
+    basis, _ = torch.linalg.qr(torch.randn(hidden, sum(sizes.values()), generator=generator))
+    start = sum(sizes[name] for name in list(TASKS)[:list(TASKS).index(task)])
+    head = nn.Linear(hidden, sizes[task])
     with torch.no_grad():
-        head.weight.copy_(embeddings.T)  # (classes, hidden), orthonormal rows
+        head.weight.copy_(basis[:, start:start + sizes[task]].T)  # (classes, hidden), orthonormal rows
         head.bias.zero_()
     head.requires_grad_(False)
     return head.eval()
