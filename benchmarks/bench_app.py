@@ -1,6 +1,6 @@
 """App speed: from click to full comparison on the default bundled preset (target <= 10 s on 2 CPU cores).
 
-    python benchmarks/bench_app.py [--runs 5] [--no-browser]
+    python benchmarks/bench_app.py [--runs 5] [--no-browser] [--screenshot docs/app.png]
 
 Starts `python app.py` as a user would (GRADIO_SERVER_PORT set), then measures:
 1. start-up: until the page answers;
@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -46,8 +47,9 @@ def wait_until_up(url: str, timeout: float = 300) -> None:
     raise SystemExit(f"the app did not answer at {url} within {timeout:.0f} s")
 
 
-def browser_click(url: str) -> float:
-    """Seconds from the click to the comparison table and the summary on the page."""
+def browser_click(url: str, screenshot: Optional[Path] = None) -> float:
+    """Seconds from the click to the comparison table and the summary on the page (then a full-page
+    screenshot, if asked for)."""
     from playwright.sync_api import expect, sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -62,7 +64,10 @@ def browser_click(url: str) -> float:
             button.click()
             expect(page.locator("#cm-comparison")).to_be_visible(timeout=300_000)
             expect(page.locator("#summary")).to_contain_text("Average normalized accuracy")
-            return time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
+            return seconds
         finally:
             browser.close()
 
@@ -88,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--screenshot", type=Path, help="save the page after the browser's click (docs/app.png)")
     args = parser.parse_args()
 
     port = free_port()
@@ -103,7 +109,7 @@ def main() -> None:
         [first] = client_clicks(url, 1, first_alpha=0.9)
         print(f"first merge right after start-up (waits for the warm-up): {first:.2f} s")
         if not args.no_browser:
-            click = browser_click(url)
+            click = browser_click(url, args.screenshot)
             print(f"browser: click to comparison on the page: {click:.2f} s "
                   f"(target <= 10 s: {'met' if click <= 10 else 'missed'})")
         seconds = client_clicks(url, args.runs, first_alpha=0.35)
