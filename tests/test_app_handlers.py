@@ -47,7 +47,7 @@ def test_preset_view_lists_the_default_preset_and_reads_the_base_model_from_the_
     assert rows == [[a.source, a.name, 1.0] for a in DIGITS.adapters]
     assert base.startswith("**Base model** `coremerge/digits-vit` (from the adapters' configs) · 8 adapters · rank 8")
     assert "works offline" in description and not is_text
-    assert handlers.show_preset("digits")[4:] == ("tsv", "core", 0.5)  # the preset's merge defaults
+    assert handlers.show_preset("digits")[4:] == ("tsv", "core", 0.7)  # the preset's merge defaults
 
 
 @pytest.mark.parametrize("method", list(METHODS))
