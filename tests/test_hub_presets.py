@@ -107,6 +107,10 @@ def unavailable(preset, why):
     return f"preset {preset.name} needs the Hugging Face Hub: {why}; the bundled presets work offline: {BUNDLED_NAMES}"
 
 
+def not_cached(preset, source: str) -> str:
+    return unavailable(preset, f"{source} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE=1)")
+
+
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
@@ -136,8 +140,7 @@ def repo_files(preset, adapter_folder, tmp_path):
 def test_offline_with_an_empty_cache_the_preset_says_it_needs_the_hub(preset, empty_cache):
     with pytest.raises(HubError) as error:
         require_available(preset)
-    assert str(error.value) == unavailable(
-        preset, f"{preset.adapters[0].source} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE=1)")
+    assert str(error.value) == not_cached(preset, preset.adapters[0].source)
 
 
 @ids
@@ -151,8 +154,7 @@ def test_offline_a_cache_holding_the_presets_files_makes_it_available(preset, em
     shutil.rmtree(empty_cache / f"models--{'--'.join(last.split('/')[:2])}")
     with pytest.raises(HubError) as error:
         require_available(preset)
-    assert str(error.value) == unavailable(
-        preset, f"{last} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE=1)")
+    assert str(error.value) == not_cached(preset, last)
 
 
 def test_the_base_model_is_needed_unless_only_merging(empty_cache, adapters, tmp_path):
@@ -163,8 +165,7 @@ def test_the_base_model_is_needed_unless_only_merging(empty_cache, adapters, tmp
     require_available(preset, base_model=False)
     with pytest.raises(HubError) as error:
         require_available(preset)
-    assert str(error.value) == unavailable(
-        preset, f"{preset.base_model} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE=1)")
+    assert str(error.value) == not_cached(preset, preset.base_model)
 
 
 def test_a_peft_folder_needs_its_weights_not_only_its_config(empty_cache, adapters, tmp_path):
