@@ -4,8 +4,8 @@ import spaces  # noqa: F401  - must come before torch on ZeroGPU
 
 import gradio as gr  # noqa: E402
 
-from coremerge.methods import METHODS  # noqa: E402
-from coremerge.options import SPACES  # noqa: E402
+from coremerge.merging.methods import METHODS  # noqa: E402
+from coremerge.merging.options import SPACES  # noqa: E402
 from coremerge.presets import find_preset  # noqa: E402
 from coremerge.webapp import handlers  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402

@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout, without installing coremerge
 
-from coremerge.options import MergeOptions  # noqa: E402
-from coremerge.spaces import TaskFactors, merge_module, to_lora  # noqa: E402
+from coremerge.merging.options import MergeOptions  # noqa: E402
+from coremerge.merging.spaces import TaskFactors, merge_module, to_lora  # noqa: E402
 
 BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
 RANK, LORA_ALPHA = 16, 32

@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from coremerge.evaluation import Scores, benchmark
-from coremerge.methods import METHODS
-from coremerge.options import SPACES
+from coremerge.comparison.evaluation import Scores, benchmark
+from coremerge.merging.methods import METHODS
+from coremerge.merging.options import SPACES
 from coremerge.presets import find_preset
 
 

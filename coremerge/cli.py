@@ -9,9 +9,9 @@ from typing import NoReturn, Optional, Sequence
 from tqdm.auto import tqdm
 
 from .errors import CoreMergeError
-from .methods import METHODS
-from .options import DTYPES, SPACES, MergeOptions
-from .pipeline import merge_to_folder
+from .merging.methods import METHODS
+from .merging.options import DTYPES, SPACES, MergeOptions
+from .merging.to_folder import merge_to_folder
 from .presets import find_preset
 
 EXIT_BAD_INPUT = 2

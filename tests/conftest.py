@@ -11,10 +11,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Embedding as LoraEmbedding
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 from coremerge import load_adapters, merge_module
-from coremerge.merge import module_generator, module_names
-from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
+from coremerge.merging.merge import module_generator, module_names
 
 BASE_NAME = "coremerge-tests/tiny-llama"
 

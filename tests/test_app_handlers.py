@@ -7,14 +7,13 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+from conftest import peft_deltas
 
 from coremerge import METHODS
 from coremerge.bundled.digits import load_backbone
 from coremerge.presets import find_preset
 from coremerge.webapp import handlers
 from coremerge.webapp.cache import ResultCache
-
-from conftest import peft_deltas
 
 DIGITS = find_preset("digits")
 THREE_ROWS = [[a.source, a.name, a.weight] for a in DIGITS.adapters[:3]]
@@ -165,7 +164,7 @@ def test_the_gpu_function_arguments_and_result_pickle_for_zerogpu(tmp_path):
     """ZeroGPU runs `run_merge` in another process: what goes in and what comes out must pickle."""
     import pickle
 
-    from coremerge.workflow import run_merge
+    from coremerge.webapp.workflow import run_merge
 
     request = handlers.build_request("digits", THREE_ROWS[:2], "dare", "core", 0.5, True, 4, "",
                                      [0.7 if p.name == "density" else p.default for p in handlers.PARAMETERS])
@@ -197,7 +196,7 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
 
 def test_hub_classification_presets_are_merged_without_a_side_by_side_for_now():
     from coremerge.webapp.render import comparison_html
-    from coremerge.workflow import has_comparison
+    from coremerge.webapp.workflow import has_comparison
 
     assert not has_comparison(find_preset("knots-vit-b32"))  # CLIP zero-shot heads: not built yet
     assert all(has_comparison(find_preset(name)) for name in ("digits", "strings", "tinyllama-tasks", "sdxl-styles"))

@@ -7,13 +7,12 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig
+from tiny_diffusion import add_lora, tiny_sd15, tiny_tokenizer, write_kohya
 
 from coremerge import MergeOptions
 from coremerge.presets import load_preset
 from coremerge.webapp.render import comparison_html
-from coremerge.workflow import AdapterRow, MergeRequest, run_merge
-
-from tiny_diffusion import add_lora, tiny_sd15, tiny_tokenizer, write_kohya
+from coremerge.webapp.workflow import AdapterRow, MergeRequest, run_merge
 
 UNET_TARGETS = r"down_blocks\.0\.attentions\.0\.(proj_in|transformer_blocks\.0\.attn[12]\.to_q)|down_blocks\.0\.resnets\.0\.conv1"
 PROMPTS = ("a photo of a cat", "a dog")

@@ -1,14 +1,13 @@
 """Text side by side: one loaded causal LM, adapters switched on it, answers equal to separately loaded models."""
 
 import torch
+from conftest import lora, save_adapter
 from peft import PeftModel
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
-from coremerge.compare import Variant, compare_text
-from coremerge.runners import CausalLMRunner
+from coremerge.comparison.runners import CausalLMRunner
+from coremerge.comparison.side_by_side import Variant, compare_text
 from coremerge.webapp.render import text_html
-
-from conftest import lora, save_adapter
 
 PROMPTS = ["upper: abc\n", "a somewhat longer prompt: xyz\n"]
 

@@ -8,19 +8,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import expected_updates
+from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS, convert_state_dict
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS, convert_state_dict
+from tiny_diffusion import add_lora, lora_deltas, tiny_sd15, tiny_sdxl, tiny_tokenizer, write_kohya
 
 from coremerge import METHODS, MergeOptions, load_adapter, load_adapters, merge_to_folder
 from coremerge.cli import main
-from coremerge.diffusion_compare import GenerationSettings, LoraEntry, compare_images
-from coremerge.diffusion_family import SD1, SDXL, UNKNOWN, is_diffusion_set
-
-from conftest import expected_updates
-from tiny_diffusion import add_lora, lora_deltas, tiny_sd15, tiny_sdxl, tiny_tokenizer, write_kohya
+from coremerge.comparison.images import GenerationSettings, LoraEntry, compare_images
+from coremerge.formats.diffusion_family import SD1, SDXL, UNKNOWN, is_diffusion_set
 
 # Targets (peft regexes) few enough to keep the tests fast, covering every kind of module kohya names differently:
 # conv_in (input_blocks.0.0), the downsampler (input_blocks.3.0.op), resnet conv1 / conv2 (in_layers.2 / out_layers.3,
@@ -393,7 +391,6 @@ def test_family_is_checked_against_every_earlier_lora(capsys, tmp_path, loras):
 def test_hub_repos_of_diffusion_loras_resolve(loras, tmp_path, monkeypatch):
     """A diffusers repo (pytorch_lora_weights.safetensors, no adapter_config.json) by its ID, a kohya file by path."""
     from huggingface_hub import constants
-
     from test_hub import COMMIT, add_to_cache
 
     add_to_cache(tmp_path, "org/watercolor-xl", {"pytorch_lora_weights.safetensors": loras["files"]["diffusers_sdxl"]})
@@ -410,9 +407,9 @@ def test_the_hub_presets_map_onto_the_loader_and_the_comparison(preset_name, kin
     """With tiny stand-ins at the presets' Hub paths (offline cache), their sources load as one diffusion set,
     merge into a diffusers file, and their adapters and generation settings fit compare_images' arguments."""
     from huggingface_hub import constants
+    from test_hub import add_to_cache
 
     from coremerge.presets import find_preset
-    from test_hub import add_to_cache
 
     preset = find_preset(preset_name)
     for adapter in preset.adapters:

@@ -12,13 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from huggingface_hub import constants
+from test_hub import COMMIT, add_to_cache
 
 from coremerge import CoreMergeError, HubError, load_adapters
-from coremerge.availability import _hub_has_file, require_available
+from coremerge.formats.sources import HUB_ID
 from coremerge.presets import PRESETS_DIR, find_preset, list_presets, load_preset
-from coremerge.sources import HUB_ID
-
-from test_hub import COMMIT, add_to_cache
+from coremerge.webapp.availability import _hub_has_file, require_available
 
 HUB_PRESETS = [p for p in list_presets() if not p.bundled]
 BUNDLED_NAMES = ", ".join(p.name for p in list_presets() if p.bundled)

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import constants
 
 from coremerge import HubError
-from coremerge.hub_push import push_folder
+from coremerge.webapp.hub_push import push_folder
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz012345"
 

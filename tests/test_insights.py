@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from coremerge import MergeOptions, load_adapter, load_adapters, merge_to_folder
-from coremerge.insights import UpdateSVD, merge_insights, subspace_overlap, update_svd
-from coremerge.spaces import TaskFactors
+from coremerge.comparison.insights import UpdateSVD, merge_insights, subspace_overlap, update_svd
+from coremerge.merging.spaces import TaskFactors
 
 
 def random_factors(m: int, n: int, r: int, seed: int, weight: float = 1.0) -> TaskFactors:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coremerge.linalg import GRAM_MAX_CONDITION, left_singular_basis, numerical_rank, polar_factor
+from coremerge.merging.linalg import GRAM_MAX_CONDITION, left_singular_basis, numerical_rank, polar_factor
 
 
 def stack_with_condition(condition: float, m: int = 300, r: int = 24) -> torch.Tensor:

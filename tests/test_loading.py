@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import BASE_NAME, RESNET_TARGETS, peft_deltas, tiny_resnet
 from safetensors.torch import load_file
 
 from coremerge import load_adapter
-from coremerge.merge import module_names
-
-from conftest import BASE_NAME, RESNET_TARGETS, peft_deltas, tiny_resnet
+from coremerge.merging.merge import module_names
 
 
 def canonical_updates(source) -> dict[str, torch.Tensor]:

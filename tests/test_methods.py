@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coremerge import METHODS, CoreMergeError, MergeOptions
-from coremerge.methods import dare, dare_ties, elect_sign, iso_c, iso_cts, magnitude_trim, tsv, ties
+from coremerge.merging.methods import dare, dare_ties, elect_sign, iso_c, iso_cts, magnitude_trim, ties, tsv
 
 
 def test_ties_hand_example():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from coremerge import CoreMergeError
-from coremerge.evaluation import Scores
+from coremerge.comparison.evaluation import Scores
 from coremerge.presets import PRESETS_DIR, check_manifest, find_preset, list_presets, load_preset, write_manifest
 
 MINIMAL = """

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from coremerge.formats.sources import HUB_ID
 from coremerge.presets import list_presets
-from coremerge.sources import HUB_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

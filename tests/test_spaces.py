@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from coremerge import MergeOptions, load_adapters, merge_module, to_lora
-from coremerge.linalg import left_singular_basis
-from coremerge.merge import module_generator, module_names
+from coremerge.merging.linalg import left_singular_basis
+from coremerge.merging.merge import module_generator, module_names
 
 KINDS = ("plain", "rslora", "pattern", "named", "moslora")  # ranks 4, 8, 4/2, 3, 4
 

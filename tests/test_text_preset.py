@@ -10,7 +10,7 @@ import pytest
 
 from coremerge import load_adapter
 from coremerge.bundled import strings
-from coremerge.evaluation import evaluator_for, reference_scores
+from coremerge.comparison.evaluation import evaluator_for, reference_scores
 from coremerge.presets import check_manifest, find_preset
 
 ROOT = Path(__file__).resolve().parent.parent

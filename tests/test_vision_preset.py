@@ -11,7 +11,7 @@ import torch
 
 from coremerge import MergeOptions, load_adapter, merge_to_folder
 from coremerge.bundled.digits import BASE_NAME, TASKS, DigitsEvaluator, load_head, task_head
-from coremerge.evaluation import Scores, evaluator_for, merged_accuracies, reference_scores
+from coremerge.comparison.evaluation import Scores, evaluator_for, merged_accuracies, reference_scores
 from coremerge.presets import check_manifest, find_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,9 +77,9 @@ def test_a_merge_beats_the_base_on_average(preset, evaluator, recorded, tmp_path
 
 
 def test_predictions_name_the_task_labels(evaluator, preset):
-    from PIL import Image
     import numpy as np
     import torch
+    from PIL import Image
 
     image = preset.samples.images[0]
     pixels = np.asarray(Image.open(preset.folder / image.path), dtype=np.float32) / 255

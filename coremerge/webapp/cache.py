@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..workflow import MergeOutcome
+from .workflow import MergeOutcome
 
 
 class ResultCache:

@@ -12,18 +12,18 @@ from typing import Optional, Sequence
 import gradio as gr
 import spaces
 
-from ..availability import require_available
+from ..comparison.plots import accuracy_chart, overlap_chart, spectra_chart
 from ..errors import CoreMergeError, HubError
-from ..hub_push import push_folder
-from ..merge import load_adapters
-from ..methods import METHODS, Parameter, get_method
-from ..options import MergeOptions
-from ..plots import accuracy_chart, overlap_chart, spectra_chart
+from ..formats.loading import load_adapters
+from ..merging.methods import METHODS, Parameter, get_method
+from ..merging.options import MergeOptions
 from ..presets import Preset, find_preset, list_presets
-from ..workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
-                        prompts_from_text, run_merge, uses_preset_adapters, warm_up)
+from .availability import require_available
 from .cache import ResultCache
+from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
+from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
+                       prompts_from_text, run_merge, uses_preset_adapters, warm_up)
 
 log = logging.getLogger("coremerge.app")
 DEFAULT_PRESET = "digits"

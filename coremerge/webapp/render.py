@@ -8,9 +8,9 @@ from typing import Sequence
 
 from PIL import Image
 
-from ..compare import ClassificationComparison, TextComparison
-from ..diffusion_compare import ImageGrid
-from ..methods import METHODS
+from ..comparison.images import ImageGrid
+from ..comparison.side_by_side import ClassificationComparison, TextComparison
+from ..merging.methods import METHODS
 
 STYLE = """<style>
 .cm-table {border-collapse: collapse; font-size: 0.85em; width: 100%;}

@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL.Image import Image
 
-from .diffusion_export import folded_state_dict
-from .merge import load_adapter
-from .sources import resolve_source
+from ..formats.diffusion_export import folded_state_dict
+from ..formats.loading import load_adapter
+from ..formats.sources import resolve_source
 
 BASE = "base"
 ADAPTER_PREFIX = "coremerge_"  # names of the adapters this module loads onto the pipeline (removed afterwards)

@@ -10,17 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HFValidationError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
-from .errors import AdapterFormatError, HubError
+from ..errors import AdapterFormatError, HubError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter
+from .adapter import Adapter, MergedModule
 from .diffusion_format import COMPONENTS, DIFFUSERS_METADATA_KEY, TEXT_ENCODERS, TEXT_MODEL
-from .export import peft_config, stored_factors
-from .merge import MergedModule
+from .peft_export import peft_config, stored_factors
 from .sources import DIFFUSERS_WEIGHT_NAME
 
 CLIP_TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")

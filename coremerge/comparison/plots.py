@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .compare import TaskAccuracy  # noqa: E402
 from .insights import MergeInsights  # noqa: E402
+from .side_by_side import TaskAccuracy  # noqa: E402
 
 
 def accuracy_chart(accuracy: Sequence[TaskAccuracy]) -> Figure:

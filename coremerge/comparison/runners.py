@@ -7,10 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bundled.switching import activate_adapter, forget_adapter
-from .errors import CoreMergeError
+from ..bundled.switching import activate_adapter, forget_adapter
+from ..errors import CoreMergeError
+from ..presets import Preset, find_preset
 from .limits import LIMITS
-from .presets import Preset, find_preset
 
 
 class CausalLMRunner:

@@ -11,9 +11,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from .adapter import Adapter
-from .errors import CoreMergeError
-from .merge import MergedModule
+from ..errors import CoreMergeError
+from .adapter import Adapter, MergedModule
 from .peft_format import PEFT_PREFIX
 from .sources import CONFIG_NAME
 

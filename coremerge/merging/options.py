@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional, Sequence
 
-from .errors import CoreMergeError
+from ..errors import CoreMergeError
 from .methods import METHODS, get_method
 
 SPACES = ("core", "full", "knots")

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
+from ..errors import AdapterFormatError
 from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
 from .diffusion_family import detect_family
-from .errors import AdapterFormatError
 from .peft_format import PEFT_PREFIX, load_peft_adapter, module_spec, refuse_non_lora, tensor_index
 from .sources import ResolvedSource
 
@@ -125,10 +125,8 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
 def _kohya_to_peft_names(source: str, stand_ins: dict[str, FileKey]) -> dict[str, FileKey]:
     """kohya keys -> diffusers' peft-style keys, by diffusers' own converter (sgm block names included)."""
     # imported here: importing diffusers takes seconds, and peft adapters never need it
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers,
-        _maybe_map_sgm_blocks_to_diffusers,
-    )
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
 
     stand_ins = dict(stand_ins)  # diffusers pops what it converts
     try:
@@ -143,12 +141,8 @@ def _kohya_to_peft_names(source: str, stand_ins: dict[str, FileKey]) -> dict[str
 
 def _diffusers_to_peft_names(state_dict: dict[str, FileKey]) -> dict[str, FileKey]:
     """Old and new diffusers key names -> peft-style keys, per component, as diffusers' loaders convert them."""
-    from diffusers.utils.state_dict_utils import (
-        DIFFUSERS_OLD_TO_PEFT,
-        DIFFUSERS_TO_PEFT,
-        convert_state_dict,
-        convert_unet_state_dict_to_peft,
-    )
+    from diffusers.utils.state_dict_utils import (DIFFUSERS_OLD_TO_PEFT, DIFFUSERS_TO_PEFT, convert_state_dict,
+                                                  convert_unet_state_dict_to_peft)
 
     out: dict[str, FileKey] = {}
     for component in COMPONENTS:

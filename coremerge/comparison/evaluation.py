@@ -10,11 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
-from .errors import CoreMergeError
-from .methods import METHODS
-from .options import SPACES, MergeOptions
-from .pipeline import merge_to_folder
-from .presets import Preset
+from ..errors import CoreMergeError
+from ..merging.methods import METHODS
+from ..merging.options import SPACES, MergeOptions
+from ..merging.to_folder import merge_to_folder
+from ..presets import Preset
 
 ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5, 2.0)
 DENSITIES = {"ties": (0.1, 0.2, 0.4, 0.7), "dare": (0.3, 0.5, 0.7, 0.9), "dare_ties": (0.3, 0.5, 0.7, 0.9)}
@@ -34,11 +34,11 @@ def evaluator_for(preset: Preset) -> Evaluator:
     if not preset.bundled:
         raise CoreMergeError(f"preset {preset.name}: accuracy is measured on bundled presets only")
     if preset.kind == "image-classification":
-        from .bundled.digits import DigitsEvaluator
+        from ..bundled.digits import DigitsEvaluator
 
         return DigitsEvaluator(preset.base_model_path, {a.task: preset.resolve(a.source) for a in preset.adapters})
     if preset.kind == "text-generation":
-        from .bundled.strings import StringsEvaluator
+        from ..bundled.strings import StringsEvaluator
 
         return StringsEvaluator(preset.base_model_path, tasks=[a.task for a in preset.adapters])
     raise CoreMergeError(f"preset {preset.name}: no evaluation for kind {preset.kind}")

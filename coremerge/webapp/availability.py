@@ -10,16 +10,12 @@ from functools import lru_cache
 from typing import Optional
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.errors import (
-    GatedRepoError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 
-from .errors import HubError
-from .presets import Preset, list_presets
-from .sources import CONFIG_NAME, HUB_ID, WEIGHT_NAMES, WEIGHT_SUFFIXES
+from ..errors import HubError
+from ..formats.sources import CONFIG_NAME, HUB_ID, WEIGHT_NAMES, WEIGHT_SUFFIXES
+from ..presets import Preset, list_presets
 
 HEAD_TIMEOUT_S = 3.0
 # The file whose presence says a base model repo is there, by the preset kind's loader.

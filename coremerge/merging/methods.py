@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import CoreMergeError
+from ..errors import CoreMergeError
 from .linalg import isotropic_flatten, low_rank_approximation, numerical_rank, polar_factor, svd
 
 Matrices = Sequence[torch.Tensor]

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
+from ..errors import AdapterFormatError
 from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
-from .errors import AdapterFormatError
 from .sources import CONFIG_NAME, ResolvedSource
 
 PEFT_PREFIX = "base_model.model."

@@ -5,7 +5,7 @@ from pathlib import Path
 from string import Template
 from typing import Optional, Sequence
 
-from .methods import METHODS
+from ..merging.methods import METHODS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CARD_NAME = "README.md"

@@ -10,51 +10,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .adapter import Adapter, ModuleSpec
-from .checks import check_module_shapes, check_same_base_model, check_same_family, check_sources
-from .diffusion_format import is_diffusion_lora, load_diffusion_adapter
+from ..formats.adapter import Adapter, MergedModule
 from .options import MergeOptions
-from .peft_format import load_peft_adapter
-from .sources import resolve_source
 from .spaces import merge_module, to_lora
 
 MODULES_PER_READ = 16  # files are reopened per chunk so that their memory maps do not pile up
 WORKERS = 2  # modules merged at once (torch releases the GIL)
-
-
-def load_adapter(source: str) -> Adapter:
-    """Resolve a source (Hub ID, folder or file) and read its config and tensor index.
-
-    Stable Diffusion LoRAs (kohya / diffusers files, peft folders of a UNet) get component-prefixed
-    module names and a `family`; every other adapter is read as a peft LoRA.
-    """
-    resolved = resolve_source(source)
-    return load_diffusion_adapter(resolved) if is_diffusion_lora(resolved) else load_peft_adapter(resolved)
-
-
-def load_adapters(sources: Sequence[str]) -> list[Adapter]:
-    """Load every source and check that they can be merged together."""
-    check_sources(sources)
-    adapters = [load_adapter(source) for source in sources]
-    check_same_base_model(adapters)
-    check_same_family(adapters)
-    check_module_shapes(adapters)
-    return adapters
-
-
-@dataclass(frozen=True)
-class MergedModule:
-    """One module of the merged adapter: `dW = lora_b @ lora_a` (flattened)."""
-
-    name: str
-    template: ModuleSpec  # kind and stored shapes, from an input adapter
-    lora_a: torch.Tensor  # (k, n)
-    lora_b: torch.Tensor  # (m, k)
-    input_ranks: dict[int, int]  # adapter index -> rank
-
-    @property
-    def rank(self) -> int:
-        return self.lora_a.shape[0]
 
 
 @dataclass

@@ -10,9 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .adapter import Adapter
-from .linalg import numerical_rank, svd
-from .spaces import TaskFactors
+from ..formats.adapter import Adapter, TaskFactors
+from ..merging.linalg import numerical_rank, svd
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import __version__
-from .checks import check_same_base_model, check_sources
-from .diffusion_export import diffusers_tensors, write_diffusers_file
-from .diffusion_family import is_diffusion_set, shared_family
-from .errors import CoreMergeError
-from .export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config, peft_tensors,
-                     write_peft_folder, write_report)
-from .merge import Timings, load_adapters, merge_adapters
+from ..errors import CoreMergeError
+from ..formats.checks import check_same_base_model, check_sources
+from ..formats.diffusion_export import diffusers_tensors, write_diffusers_file
+from ..formats.diffusion_family import is_diffusion_set, shared_family
+from ..formats.loading import load_adapters
+from ..formats.peft_export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config,
+                                   peft_tensors, write_peft_folder, write_report)
+from ..version import __version__
+from .merge import Timings, merge_adapters
 from .options import MergeOptions
 
 

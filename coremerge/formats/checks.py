@@ -2,9 +2,9 @@
 
 from typing import Optional, Sequence
 
+from ..errors import CoreMergeError, IncompatibleAdaptersError
 from .adapter import Adapter
 from .diffusion_family import same_family
-from .errors import CoreMergeError, IncompatibleAdaptersError
 
 
 def check_sources(sources: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 from huggingface_hub import HfApi, constants
 
-from .errors import CoreMergeError, HubError
+from ..errors import CoreMergeError, HubError
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

@@ -9,28 +9,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..formats.adapter import TaskFactors
 from .linalg import EPS64, Basis, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
 from .options import MergeOptions
 
 KNOTS_THRESHOLD = 1e-5  # singular values of the concatenation kept by KnOTS
-
-
-@dataclass(frozen=True)
-class TaskFactors:
-    """One adapter's canonical factors for one module: `dW_t = b @ a` (SPEC section 1)."""
-
-    a: torch.Tensor  # (r, n), A~
-    b: torch.Tensor  # (m, r), B~ = s * B @ W
-    weight: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-    def norm_bound(self) -> float:
-        """An upper bound of ||b @ a||_F: ||b||_F ||a||_F."""
-        return float(torch.linalg.vector_norm(self.b) * torch.linalg.vector_norm(self.a))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,24 @@ from typing import Iterator, Optional, Protocol
 import torch
 from safetensors import safe_open
 
-from .errors import AdapterFormatError
-from .spaces import TaskFactors
+from ..errors import AdapterFormatError
+
+
+@dataclass(frozen=True)
+class TaskFactors:
+    """One adapter's canonical factors for one module: `dW_t = b @ a` (SPEC section 1)."""
+
+    a: torch.Tensor  # (r, n), A~
+    b: torch.Tensor  # (m, r), B~ = s * B @ W
+    weight: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def norm_bound(self) -> float:
+        """An upper bound of ||b @ a||_F: ||b||_F ||a||_F."""
+        return float(torch.linalg.vector_norm(self.b) * torch.linalg.vector_norm(self.a))
 
 
 @dataclass(frozen=True)
@@ -108,3 +124,18 @@ def load_pickled_state_dict(source: str, path: Path) -> dict[str, torch.Tensor]:
             f"{source}: {path.name} cannot be loaded safely with torch.load(weights_only=True) "
             f"({first_line}); convert it to .safetensors"
         ) from error
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    """One module of the merged adapter: `dW = lora_b @ lora_a` (flattened)."""
+
+    name: str
+    template: ModuleSpec  # kind and stored shapes, from an input adapter
+    lora_a: torch.Tensor  # (k, n)
+    lora_b: torch.Tensor  # (m, k)
+    input_ranks: dict[int, int]  # adapter index -> rank
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]

@@ -10,18 +10,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from .compare import (ClassificationComparison, TextComparison, Variant, compare_classification, compare_text,
-                      sample_images, variants_of, warm_up_classification)
-from .diffusion_compare import GenerationSettings, ImageGrid, LoraEntry, compare_images
-from .errors import CoreMergeError
-from .insights import MergeInsights, merge_insights
-from .limits import LIMITS, Limits
-from .merge import load_adapter, load_adapters
-from .options import MergeOptions
+from ..comparison.images import GenerationSettings, ImageGrid, LoraEntry, compare_images
+from ..comparison.insights import MergeInsights, merge_insights
+from ..comparison.limits import LIMITS, Limits
+from ..comparison.runners import RUNNER_LOCK, runner_for
+from ..comparison.side_by_side import (ClassificationComparison, TextComparison, Variant, compare_classification,
+                                       compare_text, sample_images, variants_of, warm_up_classification)
+from ..errors import CoreMergeError
+from ..formats.loading import load_adapter, load_adapters
+from ..merging.options import MergeOptions
+from ..merging.to_folder import merge_to_folder
+from ..presets import Preset
 from .package import code_snippet, model_card, write_model_card, zip_folder
-from .pipeline import merge_to_folder
-from .presets import Preset
-from .runners import RUNNER_LOCK, runner_for
 
 
 class Progress(Protocol):

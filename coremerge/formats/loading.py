@@ -1,0 +1,29 @@
+"""Any source (Hub ID, folder or file) to a canonical adapter, and the checks that a set can be merged."""
+
+from typing import Sequence
+
+from .adapter import Adapter
+from .checks import check_module_shapes, check_same_base_model, check_same_family, check_sources
+from .diffusion_format import is_diffusion_lora, load_diffusion_adapter
+from .peft_format import load_peft_adapter
+from .sources import resolve_source
+
+
+def load_adapter(source: str) -> Adapter:
+    """Resolve a source (Hub ID, folder or file) and read its config and tensor index.
+
+    Stable Diffusion LoRAs (kohya / diffusers files, peft folders of a UNet) get component-prefixed
+    module names and a `family`; every other adapter is read as a peft LoRA.
+    """
+    resolved = resolve_source(source)
+    return load_diffusion_adapter(resolved) if is_diffusion_lora(resolved) else load_peft_adapter(resolved)
+
+
+def load_adapters(sources: Sequence[str]) -> list[Adapter]:
+    """Load every source and check that they can be merged together."""
+    check_sources(sources)
+    adapters = [load_adapter(source) for source in sources]
+    check_same_base_model(adapters)
+    check_same_family(adapters)
+    check_module_shapes(adapters)
+    return adapters
