@@ -109,6 +109,14 @@ def test_sample_prompts_answered_by_their_adapter(preset, evaluator):
     assert evaluator.generate(["caesar: matrix\n"], caesar) == ["nbusjy"]
 
 
+@pytest.mark.skipif(not os.environ.get("COREMERGE_SLOW"),
+                    reason="all 100 test words per task (78 s on the shared 2-core machine); COREMERGE_SLOW=1")
+def test_adapters_reproduce_recorded_accuracies_on_the_full_test_set(preset, evaluator, recorded):
+    scores = reference_scores(preset, evaluator, "test")
+    assert scores.individual == pytest.approx(recorded["adapters"], abs=1e-9)
+    assert scores.base == pytest.approx(recorded["base"], abs=1e-9)
+
+
 @pytest.mark.skipif(not os.environ.get("COREMERGE_SLOW"), reason="rebuilds the preset (about 30 min); COREMERGE_SLOW=1")
 def test_build_script_reproduces_the_preset(tmp_path, recorded):
     output = tmp_path / "strings"
