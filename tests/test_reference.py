@@ -15,7 +15,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from coremerge import MergeOptions, TaskFactors, merge_module, to_lora
 from coremerge.cli import main
+from coremerge.merging.merge import module_generator
 
 import reference_merge as ref
 from conftest import peft_deltas
@@ -110,6 +112,21 @@ def test_cli_merge_equals_reference(method, flags, space, adapters, base_model, 
     capsys.readouterr()
     assert_matches(peft_deltas(base_model, out), reference_updates(task_factors, method, space, flags),
                    (method, space, flags))
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_library_merge_equals_reference(space, task_factors):
+    """The same cases through merge_module and to_lora in float64 (no file, no peft): fast, and tight."""
+    for method, flags in CASES:
+        expected = reference_updates(task_factors, method, space, flags)
+        options = MergeOptions.create(method=method, space=space, weights=WEIGHTS, **flags)
+        for name, (factors, weights) in task_factors.items():
+            tasks = [TaskFactors(a=torch.from_numpy(a), b=torch.from_numpy(b), weight=w)
+                     for (b, a), w in zip(factors, weights)]
+            lora_b, lora_a = to_lora(merge_module(tasks, options, module_generator(options.params.get("seed", 0), name)),
+                                     options.rank)
+            got, reference = (lora_b @ lora_a).numpy(), expected[name]
+            assert np.abs(got - reference).max() <= 1e-9 * np.abs(reference).max(), (method, space, flags, name)
 
 
 @pytest.mark.parametrize("space", SPACES)
