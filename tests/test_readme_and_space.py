@@ -53,3 +53,12 @@ def test_requirements_pin_the_cpu_torch_and_every_dependency():
     pins = [line for line in lines if line]
     assert all("==" in line for line in pins), pins
     assert "torch==2.13.0" in pins
+
+
+def test_relative_links_in_the_readme_and_docs_resolve_inside_the_repository():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        local = [link for link in links if not re.match(r"^[a-z]+:", link)]
+        for link in local:
+            target = (page.parent / link).resolve()
+            assert target.exists() and ROOT.resolve() in target.parents, (page.name, link)
