@@ -50,6 +50,7 @@ CASES = [
     ("cart", {"cart_lambda": 2.0}),
 ]
 SPACES = ("core", "full", "knots")
+CASE_IDS = [f"{m}-{'-'.join(f'{k}{v}' for k, v in f.items()) or 'defaults'}" for m, f in CASES]
 
 
 def canonical_factors(folder, base_model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -104,8 +105,7 @@ def assert_matches(deltas, expected, label):
 
 
 @pytest.mark.parametrize("space", SPACES)
-@pytest.mark.parametrize("method, flags", CASES, ids=[f"{m}-{'-'.join(f'{k}{v}' for k, v in f.items()) or 'defaults'}"
-                                                       for m, f in CASES])
+@pytest.mark.parametrize("method, flags", CASES, ids=CASE_IDS)
 def test_cli_merge_equals_reference(method, flags, space, adapters, base_model, task_factors, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(cli_args([adapters[k] for k in SOURCES], method, space, flags, out)) == 0
@@ -115,18 +115,18 @@ def test_cli_merge_equals_reference(method, flags, space, adapters, base_model, 
 
 
 @pytest.mark.parametrize("space", SPACES)
-def test_library_merge_equals_reference(space, task_factors):
+@pytest.mark.parametrize("method, flags", CASES, ids=CASE_IDS)
+def test_library_merge_equals_reference(method, flags, space, task_factors):
     """The same cases through merge_module and to_lora in float64 (no file, no peft): fast, and tight."""
-    for method, flags in CASES:
-        expected = reference_updates(task_factors, method, space, flags)
-        options = MergeOptions.create(method=method, space=space, weights=WEIGHTS, **flags)
-        for name, (factors, weights) in task_factors.items():
-            tasks = [TaskFactors(a=torch.from_numpy(a), b=torch.from_numpy(b), weight=w)
-                     for (b, a), w in zip(factors, weights)]
-            lora_b, lora_a = to_lora(merge_module(tasks, options, module_generator(options.params.get("seed", 0), name)),
-                                     options.rank)
-            got, reference = (lora_b @ lora_a).numpy(), expected[name]
-            assert np.abs(got - reference).max() <= 1e-9 * np.abs(reference).max(), (method, space, flags, name)
+    expected = reference_updates(task_factors, method, space, flags)
+    options = MergeOptions.create(method=method, space=space, weights=WEIGHTS, **flags)
+    for name, (factors, weights) in task_factors.items():
+        tasks = [TaskFactors(a=torch.from_numpy(a), b=torch.from_numpy(b), weight=w)
+                 for (b, a), w in zip(factors, weights)]
+        generator = module_generator(options.params.get("seed", 0), name)
+        lora_b, lora_a = to_lora(merge_module(tasks, options, generator), options.rank)
+        got, reference = (lora_b @ lora_a).numpy(), expected[name]
+        assert np.abs(got - reference).max() <= 1e-9 * np.abs(reference).max(), (method, space, flags, name)
 
 
 @pytest.mark.parametrize("space", SPACES)
