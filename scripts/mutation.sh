@@ -11,7 +11,8 @@
 #   mutmut show <name>                  # the diff of one mutant (after a run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip show mutmut 2>/dev/null | grep -qx "Version: 3.8.1" || python -m pip install -q "mutmut==3.8.1"
+[ "$(python -c 'import importlib.metadata as m; print(m.version("mutmut"))' 2>/dev/null)" = 3.8.1 ] ||
+  python -m pip install -q "mutmut==3.8.1"
 unset PYTHONPATH  # mutmut puts its mutated copy (mutants/) first on the path; the original must not be importable
 rm -rf mutants
 nice -n 10 mutmut run --max-children "${JOBS:-2}"
