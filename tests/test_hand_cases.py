@@ -159,3 +159,13 @@ def test_cart_of_two_tasks_is_their_average():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_has_a_hand_case(method):
     assert f"def test_{method}" in open(__file__).read()
+
+
+def test_iso_cts_rank_one_and_zero_sums():
+    # sum diag(4, 0): D' = 1; fraction 0.8: k_c = 1 - 2 * round((1 - 0) / 2) = 1 - 2 * 0 = 1, no task directions:
+    # the sum's one direction with its one value, 4
+    check("iso_cts", [mat([[3, 0], [0, 0]]), mat([[1, 0], [0, 0]])], mat([[4, 0], [0, 0]]))
+    # tasks that cancel: D' = 0, the zero matrix (as for iso_c and tsv)
+    x = mat([[1, 2], [3, 4], [5, 6]])
+    for method in ("iso_cts", "iso_c", "tsv"):
+        check(method, [x, -x], np.zeros((3, 2)))
