@@ -169,3 +169,13 @@ def test_iso_cts_rank_one_and_zero_sums():
     x = mat([[1, 2], [3, 4], [5, 6]])
     for method in ("iso_cts", "iso_c", "tsv"):
         check(method, [x, -x], np.zeros((3, 2)))
+
+
+def test_flattening_works_in_float64_whatever_the_input():
+    from coremerge.merging.linalg import isotropic_flatten
+
+    # diag(3, 1) -> diag(2, 2); the zero matrix (numerical rank 0) -> zeros; both float64 like every linalg helper
+    for given, expected in ((torch.diag(torch.tensor([3.0, 1.0])), torch.eye(2) * 2), (torch.zeros(2, 2), torch.zeros(2, 2))):
+        flat = isotropic_flatten(given.to(torch.float32))
+        assert flat.dtype == torch.float64
+        torch.testing.assert_close(flat, expected.double())
