@@ -169,6 +169,10 @@ def test_iso_cts_rank_one_and_zero_sums():
     x = mat([[1, 2], [3, 4], [5, 6]])
     for method in ("iso_cts", "iso_c", "tsv"):
         check(method, [x, -x], np.zeros((3, 2)))
+    # tsv of zero tasks: no task has a non-null direction, nothing to concatenate
+    check("tsv", [np.zeros((3, 2)), np.zeros((3, 2))], np.zeros((3, 2)))
+    # tsv with more tasks than directions: k_t = floor(2 * 1 / 3) = 0 for each of the three tasks
+    check("tsv", [x, 2 * x, -x], np.zeros((3, 2)), ranks=[1, 1, 1])
 
 
 def test_flattening_works_in_float64_whatever_the_input():

@@ -130,6 +130,20 @@ def test_library_merge_equals_reference(method, flags, space, task_factors):
 
 
 @pytest.mark.parametrize("space", SPACES)
+def test_float32_factors_are_merged_in_float64(space, task_factors):
+    """merge_module upcasts the factors it is given: float32 factors give the float64 answer of the same values."""
+    name = "model.layers.0.self_attn.q_proj"
+    factors, weights = task_factors[name]
+    rounded = [(b.astype(np.float32).astype(np.float64), a.astype(np.float32).astype(np.float64)) for b, a in factors]
+    options = MergeOptions.create(method="tsv", space=space, weights=WEIGHTS)
+    tasks = [TaskFactors(a=torch.from_numpy(a).float(), b=torch.from_numpy(b).float(), weight=w)
+             for (b, a), w in zip(rounded, weights)]
+    lora_b, lora_a = to_lora(merge_module(tasks, options, module_generator(0, name)))
+    reference = ref.merge(rounded, "tsv", space, weights=weights, module=name)
+    assert np.abs((lora_b @ lora_a).numpy() - reference).max() <= 1e-9 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("space", SPACES)
 def test_each_varied_parameter_changes_the_result(space, task_factors):
     """The cases above are not vacuous: each varied parameter changes the reference's answer."""
     by_method: dict[str, list] = {}
