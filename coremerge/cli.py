@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
     merge.add_argument("--preset", metavar="NAME", help="merge a preset's adapters (with its weights) instead")
-    merge.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write the adapter to")
+    merge.add_argument("--output", required=True, metavar="DIR", help="folder to write the adapter to")
     merge.add_argument("--method", default="tsv", choices=list(METHODS), help="merge method (default tsv)")
     merge.add_argument("--space", default="core", choices=SPACES, help="merge space (default core)")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per SOURCE (default 1)")

@@ -9,7 +9,6 @@ Only names, shapes and alphas are read here; the factors stay in the file until 
 
 import json
 import re
-import sys
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Optional
@@ -104,9 +103,6 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
         modules[name] = replace(spec, name=name)
     if not modules:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors")
-    if ignored:
-        print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]}",
-              file=sys.stderr)
     return Adapter(
         source=source,
         weights_path=resolved.weights_path,

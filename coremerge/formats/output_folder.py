@@ -50,6 +50,7 @@ def check_output_location(output: Path, sources: Sequence[str] = ()) -> Path:
             "coremerge does not replace links"
         )
     _check_name_length(shown, parent, target.name)
+    _check_not_an_input(shown, target, sources)
     if target.exists():
         if not target.is_dir():
             raise OutputError(f"--output {shown}: is a file, not a folder; give a folder")
@@ -62,7 +63,6 @@ def check_output_location(output: Path, sources: Sequence[str] = ()) -> Path:
                 f"--output {shown}: the folder holds {foreign}, which coremerge did not write; coremerge replaces "
                 "only its own earlier output, so choose a new folder (or move that file away)"
             )
-    _check_not_an_input(shown, target, sources)
     _check_writable(shown, parent)
     return target
 

@@ -3,7 +3,6 @@
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from typing import Optional
 
@@ -45,9 +44,6 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
     if not grouped:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors (lora_A / lora_B)")
     modules = {name: module_spec(source, config, name, parts, shapes) for name, parts in sorted(grouped.items())}
-    if ignored:
-        print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]} "
-              "(modules_to_save and similar are not merged)", file=sys.stderr)
     return Adapter(
         source=source,
         weights_path=resolved.weights_path,

@@ -9,6 +9,9 @@ import torch
 from ..errors import AdapterFormatError
 
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+SAFETENSORS_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                     "U32": "uint32", "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn",
+                     "F8_E5M2": "float8_e5m2"}
 # A LoRA factor's key in any format: peft lora_A / lora_B / lora_AB / lora_embedding_*, kohya lora_down / lora_up,
 # diffusers lora.down / lora_linear_layer.up ...
 FACTOR_KEY = re.compile(r"lora(_linear_layer)?[._](A|B|AB|down|up|embedding_A|embedding_B)\b")
@@ -103,7 +106,7 @@ def check_float_dtype(source: str, key: str, dtype: object) -> None:
     """A LoRA factor must be float16, bfloat16, float32 or float64 (an integer tensor is quantized or corrupt)."""
     if dtype in FLOAT_DTYPES or dtype in FLOAT_DTYPES.values():
         return
-    name = str(dtype).removeprefix("torch.")
+    name = SAFETENSORS_NAMES.get(dtype, str(dtype).removeprefix("torch.").lower())
     raise AdapterFormatError(
         f"{source}: tensor {key} is {name}, not a floating-point LoRA factor (float16, bfloat16, float32 or float64); "
         "quantized or corrupt adapters cannot be merged"

@@ -35,17 +35,17 @@ def merge_to_folder(
         CoreMergeError: any bad input; nothing is left in `output` then.
     """
     started = time.perf_counter()
-    output = Path(output)
     check_sources(sources)
     options.weights_for(len(sources))
     check_output_location(output, sources)  # before any adapter is read
+    output = Path(output)
     warnings = single_adapter_warnings(sources, options)
-    for warning in warnings:
-        print(f"coremerge: warning: {shown(warning)}", file=sys.stderr)
     timings = Timings()
     clock = time.perf_counter()
     adapters = load_adapters(sources)
     base_model = check_same_base_model(adapters)
+    warnings += [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA tensor(s) such as {a.ignored_keys[0]} "
+                 "(modules_to_save and similar are not merged)" for a in adapters if a.ignored_keys]
     timings.loading += time.perf_counter() - clock
     dtype = output_dtype(adapters, options.dtype)
     diffusion = is_diffusion_set(adapters)
@@ -105,13 +105,15 @@ def merge_to_folder(
         report["bytes"] = {"in": sum(a.nbytes for a in adapters), "out": weights_path.stat().st_size}
         report["file"] = weights_path.name
         write_report(staging, report)
+    for warning in warnings:  # after success only: a failure is reported as its one line
+        print(f"coremerge: warning: {shown(warning)}", file=sys.stderr)
     return report
 
 
 def single_adapter_warnings(sources: Sequence[str], options: MergeOptions) -> list[str]:
     """One adapter alone is returned unchanged by ta, tsv and cart, but changed by trimming, dropping or
     flattening; say so, since the user probably expected a copy."""
-    if len(sources) != 1:
+    if len(sources) != 1 or options.params.get("density") == 1:
         return []
     changes = [f"--method {options.method}"] if METHODS[options.method].changes_single else []
     changes += ["--isotropize"] if options.isotropize else []
