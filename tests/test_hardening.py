@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from coremerge import load_adapter
 from coremerge.cli import main
 from coremerge.formats.output_folder import REPORT_NAME
+from coremerge.formats.validation import PEFT_TASK_TYPES
 from coremerge.webapp.package import model_card
 
 from conftest import peft_deltas, read_config
@@ -165,12 +166,19 @@ def rewrite_config(folder: Path, text: str) -> None:
     ("alpha_pattern", "[3]", "alpha_pattern must be an object, not [3]"),
     ("use_rslora", '"false"', "use_rslora must be true or false, not 'false'"),
     ("base_model_name_or_path", "7", "base_model_name_or_path must be a string, not 7"),
+    ("task_type", '"x"', "task_type must be one of SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"),
 ])
 def test_config_numbers_and_types(capsys, tmp_path, plain, field, value, message):
     text = (plain / "adapter_config.json").read_text()
     config = json.loads(text)
     rewrite_config(plain, json.dumps({k: v for k, v in config.items() if k != field})[:-1] + f', "{field}": {value}}}')
     refused(capsys, [plain], f"{plain}: adapter_config.json is malformed ({message})", tmp_path / "out")
+
+
+def test_task_types_are_peft_own():
+    from peft import TaskType
+
+    assert set(PEFT_TASK_TYPES) == {t.value for t in TaskType}
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])

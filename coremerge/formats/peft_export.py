@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 from ..errors import OutputError
 from .adapter import Adapter, MergedModule
 from .output_folder import REPORT_NAME, WEIGHTS_NAME
+
+UNDERFLOW_TOLERANCE = 1e-2  # relative error of a cast factor; 16-bit rounding alone is under 4e-3
 from .peft_format import PEFT_PREFIX
 from .sources import CONFIG_NAME
 
@@ -31,6 +33,13 @@ def stored_factors(module: MergedModule, dtype: torch.dtype) -> tuple[torch.Tens
     b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:]).to(dtype).contiguous()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise OutputError(overflow_message(module, dtype))
+    for cast, exact in ((a, module.lora_a), (b, module.lora_b)):
+        exact = exact.to(torch.float64)
+        if torch.linalg.vector_norm(cast.to(torch.float64).reshape(exact.shape) - exact) > \
+                UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
+            name = str(dtype).removeprefix("torch.")
+            raise OutputError(f"module {module.name}: the merged update is too small for {name} (it would be "
+                              f"written as zeros); write it with --dtype float32")
     return a, b
 
 

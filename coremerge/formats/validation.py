@@ -15,7 +15,9 @@ SAFETENSORS_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16"
 # A LoRA factor's key in any format: peft lora_A / lora_B / lora_AB / lora_embedding_*, kohya lora_down / lora_up,
 # diffusers lora.down / lora_linear_layer.up ...
 FACTOR_KEY = re.compile(r"lora(_linear_layer)?[._](A|B|AB|down|up|embedding_A|embedding_B)\b")
-MAX_FACTOR_DIMS = 5  # Linear / Embedding factors are 2-D, Conv1d / 2d / 3d kernels 3- to 5-D
+MAX_FACTOR_DIMS = 5
+# peft's TaskType values (tests compare them with peft's own; importing peft here would cost seconds per run)
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # Linear / Embedding factors are 2-D, Conv1d / 2d / 3d kernels 3- to 5-D
 
 
 def is_number(value: object) -> bool:
@@ -59,9 +61,10 @@ def check_lora_config(source: str, config: dict, config_name: str) -> None:
     for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise bad(key, "true or false")
-    for key in ("base_model_name_or_path", "task_type"):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            raise bad(key, "a string")
+    if config.get("base_model_name_or_path") is not None and not isinstance(config["base_model_name_or_path"], str):
+        raise bad("base_model_name_or_path", "a string")
+    if config.get("task_type") is not None and config["task_type"] not in PEFT_TASK_TYPES:
+        raise bad("task_type", f"one of {', '.join(PEFT_TASK_TYPES)} or null")
 
 
 def _positive_int(value: object) -> bool:
