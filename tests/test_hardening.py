@@ -166,7 +166,7 @@ def rewrite_config(folder: Path, text: str) -> None:
     ("alpha_pattern", "[3]", "alpha_pattern must be an object, not [3]"),
     ("use_rslora", '"false"', "use_rslora must be true or false, not 'false'"),
     ("base_model_name_or_path", "7", "base_model_name_or_path must be a string, not 7"),
-    ("task_type", '"x"', "task_type must be one of SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"),
+    ("task_type", '"x"', "task_type must be one of SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION or null, not 'x'"),
 ])
 def test_config_numbers_and_types(capsys, tmp_path, plain, field, value, message):
     text = (plain / "adapter_config.json").read_text()
