@@ -145,6 +145,7 @@ def test_new_folders_follow_the_umask(capsys, tmp_path, plain, umask, mode):
     finally:
         os.umask(old)
     assert code == 0 and stat.S_IMODE((tmp_path / "out").stat().st_mode) == mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()} == {mode & 0o666}
 
 
 # --- 2. every number and tensor checked at load time ---
@@ -239,7 +240,8 @@ def test_kohya_alpha_zero_or_missing_means_alpha_equals_rank(tmp_path):
 @pytest.mark.parametrize("alpha, message", [
     (float("nan"), "is nan; a kohya alpha must be a finite number >= 0"),
     (-4.0, "is -4.0; a kohya alpha must be a finite number >= 0"),
-    (torch.tensor([4.0, 4.0]), "must be one number (a scalar tensor), not (2,)"),
+    (torch.tensor([4.0, 4.0]), "must be one number (a scalar tensor), not a tensor of shape (2,)"),
+    (torch.tensor(True), "must be one number (a scalar tensor), not a bool tensor"),
 ])
 def test_bad_kohya_alphas(capsys, tmp_path, alpha, message):
     path = kohya_file(tmp_path / "k.safetensors", alpha)

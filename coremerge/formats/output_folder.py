@@ -173,7 +173,7 @@ def atomic_folder(output: Path, sources: Sequence[str] = ()) -> Iterator[Path]:
     """A staging folder beside `output` that replaces it only if the block succeeds.
 
     The location is checked again just before the swap, so a file put there during the merge is not lost.
-    The new folder gets the permissions of the user's umask (mkdtemp's are 0700).
+    The new folder and its files get the permissions of the user's umask (mkdtemp's are 0700).
     """
     target = check_output_location(output, sources)
     shown = str(output)
@@ -184,7 +184,10 @@ def atomic_folder(output: Path, sources: Sequence[str] = ()) -> Iterator[Path]:
         raise OutputError(f"--output {shown}: cannot create it ({describe_os_error(error)})") from error
     try:
         yield staging
-        staging.chmod(0o777 & ~_umask())
+        mask = _umask()
+        staging.chmod(0o777 & ~mask)
+        for written in staging.iterdir():  # safetensors writes its files 0600
+            written.chmod(0o666 & ~mask)
         check_output_location(output, sources)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=RETIRED.format(name=target.name), dir=target.parent))

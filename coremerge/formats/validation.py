@@ -124,8 +124,13 @@ def kohya_alpha(source: str, key: str, tensor: object) -> float:
     """
     if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or tensor.dtype == torch.bool \
             or tensor.is_complex():
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise AdapterFormatError(f"{source}: {key} must be one number (a scalar tensor), not {shape}")
+        if not isinstance(tensor, torch.Tensor):
+            found = type(tensor).__name__
+        elif tensor.numel() != 1:
+            found = f"a tensor of shape {tuple(tensor.shape)}"
+        else:
+            found = f"a {str(tensor.dtype).removeprefix('torch.')} tensor"
+        raise AdapterFormatError(f"{source}: {key} must be one number (a scalar tensor), not {found}")
     value = float(tensor.to(torch.float64))
     if not math.isfinite(value) or value < 0:
         raise AdapterFormatError(f"{source}: {key} is {value}; a kohya alpha must be a finite number >= 0")
