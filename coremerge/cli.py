@@ -8,7 +8,7 @@ from typing import NoReturn, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .errors import CoreMergeError
+from .errors import CoreMergeError, describe_os_error, shown
 from .merging.methods import METHODS
 from .merging.options import DTYPES, SPACES, MergeOptions
 from .merging.to_folder import merge_to_folder
@@ -25,7 +25,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def fail(message: str) -> NoReturn:
-    print(f"coremerge: error: {' '.join(message.split())}", file=sys.stderr)
+    """One line on stderr (control characters in names escaped), exit code 2."""
+    print(f"coremerge: error: {shown(message)}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
     merge.add_argument("--preset", metavar="NAME", help="merge a preset's adapters (with its weights) instead")
-    merge.add_argument("--output", required=True, type=Path, metavar="DIR", help="folder to write the adapter to")
+    merge.add_argument("--output", required=True, metavar="DIR", help="folder to write the adapter to")
     merge.add_argument("--method", default="tsv", choices=list(METHODS), help="merge method (default tsv)")
     merge.add_argument("--space", default="core", choices=SPACES, help="merge space (default core)")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per SOURCE (default 1)")
@@ -115,7 +116,8 @@ def run_merge(args: argparse.Namespace) -> None:
     ranks = [m["output_rank"] for m in report["modules"].values()]
     seconds = report["seconds"]
     print(
-        f"merged {len(report['sources'])} adapter(s) with {args.method} in {args.space} space into {args.output}: "
+        f"merged {len(report['sources'])} adapter(s) with {args.method} in {args.space} space into "
+        f"{shown(args.output)}: "
         f"{len(ranks)} modules, output ranks {min(ranks)}-{max(ranks)}, {report['bytes']['out'] / 1e6:.1f} MB, "
         f"{seconds['total']:.2f} s (loading {seconds['loading']:.2f}, merging {seconds['merging']:.2f}, "
         f"writing {seconds['writing']:.2f})"
@@ -129,4 +131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_merge(args)
     except CoreMergeError as error:
         fail(str(error))
+    except OSError as error:  # a file system failure past the checks (disk full, a file removed meanwhile)
+        where = f" {error.filename}" if error.filename else ""
+        fail(f"cannot read or write{where} ({describe_os_error(error)})")
+    except MemoryError:
+        fail("out of memory; merge fewer or smaller adapters, or use --space core")
     return 0

@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import CoreMergeError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+# A checkout's presets/ folder; an installed package carries the same files as coremerge/presets_data.
+PRESETS_DIR = next((folder for folder in (Path(__file__).resolve().parent / "presets_data",
+                                          Path(__file__).resolve().parent.parent / "presets") if folder.is_dir()),
+                   Path(__file__).resolve().parent.parent / "presets")
 Kind = Literal["text-generation", "image-classification", "image-generation"]
 
 

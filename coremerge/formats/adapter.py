@@ -1,5 +1,6 @@
 """The canonical adapter: per-module metadata, with the factors read lazily from the weights file."""
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +9,9 @@ from typing import Iterator, Optional, Protocol
 import torch
 from safetensors import safe_open
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, describe_os_error
+
+UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class TaskFactors:
     a: torch.Tensor  # (r, n), A~
     b: torch.Tensor  # (m, r), B~ = s * B @ W
     weight: float = 1.0
+    source: str = ""  # the adapter it comes from, for messages
 
     @property
     def rank(self) -> int:
@@ -96,11 +100,19 @@ class Adapter:
         b = self._read_float64(reader, spec.b_key).reshape(spec.b_shape[0], spec.rank)
         if spec.mixer_key is not None:
             b = b @ self._read_float64(reader, spec.mixer_key)  # MoSLoRA: B @ W
-        return TaskFactors(a=a, b=spec.scaling * b, weight=weight)
+        b = spec.scaling * b
+        if not torch.isfinite(b).all():
+            raise AdapterFormatError(f"{self.source}: module {name}: {spec.b_key} times its scaling "
+                                     f"{spec.scaling:.3g} (alpha / r) overflows")
+        return TaskFactors(a=a, b=b, weight=weight, source=self.source)
 
     def _read_float64(self, reader: TensorReader, key: str) -> torch.Tensor:
         """A tensor upcast exactly to float64 (half precision via float32, whose conversion is vectorized)."""
-        tensor = reader.get_tensor(key).to(torch.float32)
+        tensor = reader.get_tensor(key)
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{self.source}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                     "not a floating-point LoRA factor")
+        tensor = tensor.to(torch.float32) if tensor.dtype != torch.float64 else tensor
         if not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
         return tensor.to(torch.float64)
@@ -115,15 +127,28 @@ class _DictReader:
 
 
 def load_pickled_state_dict(source: str, path: Path) -> dict[str, torch.Tensor]:
-    """A pickled .bin state dict, read only with `torch.load(weights_only=True)`."""
+    """A pickled .bin state dict, read only with `torch.load(weights_only=True)`: nothing in it is run.
+
+    Raises:
+        AdapterFormatError: an unreadable file, a pickle holding anything but tensors (torch's own advice to
+            retry with weights_only=False is left out: that would run the file's code), or no {name: tensor} dict.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise AdapterFormatError(f"{source}: cannot read {path.name} ({describe_os_error(error)})") from error
     except Exception as error:  # noqa: BLE001 - any unpickling failure is the same user problem
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        refused = UNSAFE_GLOBAL.search(str(error))
+        why = f"it asks for {refused[1]}" if refused else "it is not a plain tensor pickle"
         raise AdapterFormatError(
-            f"{source}: {path.name} cannot be loaded safely with torch.load(weights_only=True) "
-            f"({first_line}); convert it to .safetensors"
+            f"{source}: {path.name} cannot be loaded safely with torch.load(weights_only=True) ({why}); "
+            "coremerge does not run pickled code: convert the adapter to .safetensors where you trust it"
         ) from error
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise AdapterFormatError(f"{source}: {path.name} is not a state dict (a mapping of names to tensors)")
+    return state
 
 
 @dataclass(frozen=True)

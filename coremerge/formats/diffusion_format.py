@@ -9,12 +9,10 @@ Only names, shapes and alphas are read here; the factors stay in the file until 
 
 import json
 import re
-import sys
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Optional
 
-import torch
 from safetensors import safe_open
 
 from ..errors import AdapterFormatError
@@ -22,6 +20,7 @@ from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
 from .diffusion_family import detect_family
 from .peft_format import PEFT_PREFIX, load_peft_adapter, module_spec, refuse_non_lora, tensor_index
 from .sources import ResolvedSource
+from .validation import check_factor_shapes, check_lora_config, kohya_alpha
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -104,9 +103,6 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
         modules[name] = replace(spec, name=name)
     if not modules:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors")
-    if ignored:
-        print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]}",
-              file=sys.stderr)
     return Adapter(
         source=source,
         weights_path=resolved.weights_path,
@@ -173,13 +169,13 @@ def _plain_spec(source: str, local: str, parts: dict[str, str], shapes: dict, al
         if part not in parts:
             raise AdapterFormatError(f"{source}: module {local} has no {part} (lora_down / lora_up) tensor")
     a_shape, b_shape = shapes[parts["lora_A"]], shapes[parts["lora_B"]]
+    check_factor_shapes(source, local, parts["lora_A"], a_shape, parts["lora_B"], b_shape)
     rank = a_shape[0]
-    if len(b_shape) < 2 or b_shape[1] != rank:
-        raise AdapterFormatError(
-            f"{source}: module {local} has inconsistent LoRA shapes (down {a_shape}, up {b_shape}); "
-            f"rank {rank} expected"
-        )
-    scaling = (alpha or rank) / rank  # kohya: a missing or zero alpha means alpha = r
+    # A missing or zero alpha means alpha = r, as kohya's own network code reads it (sd-scripts networks/lora.py,
+    # LoRAModule: `alpha = self.lora_dim if alpha is None or alpha == 0 else alpha`). diffusers' converters agree
+    # on a missing alpha (`_convert_kohya_flux_lora_to_diffusers` defaults it to the rank) but would apply an
+    # alpha of 0 literally, a zero update; the format's authors wrote the files, so their reading wins.
+    scaling = (alpha or rank) / rank
     kind = "conv" if len(a_shape) > 2 else "linear"
     return ModuleSpec(local, kind, rank, scaling, parts["lora_A"], parts["lora_B"], a_shape, b_shape)
 
@@ -198,8 +194,10 @@ def _component_configs(source: str, file_metadata: dict[str, str]) -> dict[str, 
         return {}
     try:
         packed = json.loads(raw)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise AdapterFormatError(f"{source}: {DIFFUSERS_METADATA_KEY} in the file header is not JSON ({error})")
+    if not isinstance(packed, dict):
+        raise AdapterFormatError(f"{source}: {DIFFUSERS_METADATA_KEY} in the file header is not a JSON object")
     configs: dict[str, dict] = {}
     for key, value in packed.items():
         component, _, field = key.partition(".")
@@ -211,16 +209,13 @@ def _component_configs(source: str, file_metadata: dict[str, str]) -> dict[str, 
                 f"{source}: DoRA adapter ({component} use_dora: true); its update is not a plain low-rank product, "
                 "so coremerge refuses to merge it"
             )
-        if not all(isinstance(config.get(k), (int, float)) and config[k] > 0 for k in ("r", "lora_alpha")):
-            raise AdapterFormatError(
-                f"{source}: {DIFFUSERS_METADATA_KEY} for {component} has no positive r / lora_alpha"
-            )
+        check_lora_config(source, config, f"{DIFFUSERS_METADATA_KEY} ({component})")
     return configs
 
 
 def _read_alphas(resolved: ResolvedSource, keys: list[str]) -> dict[str, float]:
     if resolved.weights_path.suffix == ".safetensors":
         with safe_open(resolved.weights_path, framework="pt") as handle:
-            return {key: float(handle.get_tensor(key).to(torch.float64)) for key in keys}
+            return {key: kohya_alpha(resolved.source, key, handle.get_tensor(key)) for key in keys}
     tensors = load_pickled_state_dict(resolved.source, resolved.weights_path)
-    return {key: float(tensors[key].to(torch.float64)) for key in keys}
+    return {key: kohya_alpha(resolved.source, key, tensors[key]) for key in keys}

@@ -1,7 +1,9 @@
 """Any source (Hub ID, folder or file) to a canonical adapter, and the checks that a set can be merged."""
 
+from pathlib import Path
 from typing import Sequence
 
+from ..errors import AdapterFormatError, describe_os_error
 from .adapter import Adapter
 from .checks import check_module_shapes, check_same_base_model, check_same_family, check_sources
 from .diffusion_format import is_diffusion_lora, load_diffusion_adapter
@@ -15,7 +17,15 @@ def load_adapter(source: str) -> Adapter:
     Stable Diffusion LoRAs (kohya / diffusers files, peft folders of a UNet) get component-prefixed
     module names and a `family`; every other adapter is read as a peft LoRA.
     """
-    resolved = resolve_source(source)
+    try:
+        resolved = resolve_source(source)
+        for path in (resolved.weights_path, resolved.config_path):
+            if path is not None:
+                with open(path, "rb"):  # an unreadable file is named as such, not as missing or malformed
+                    pass
+    except OSError as error:
+        what = Path(error.filename).name if error.filename else "it"
+        raise AdapterFormatError(f"{source}: cannot read {what} ({describe_os_error(error)})") from error
     return load_diffusion_adapter(resolved) if is_diffusion_lora(resolved) else load_peft_adapter(resolved)
 
 

@@ -1,23 +1,21 @@
 """Write a merged adapter as a peft LoRA folder, atomically (SPEC 2, step 6)."""
 
 import json
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
 
-from ..errors import CoreMergeError
+from ..errors import OutputError
 from .adapter import Adapter, MergedModule
+from .output_folder import REPORT_NAME, WEIGHTS_NAME
+
+UNDERFLOW_TOLERANCE = 1e-2  # relative error of a cast factor; 16-bit rounding alone is under 4e-3
 from .peft_format import PEFT_PREFIX
 from .sources import CONFIG_NAME
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-REPORT_NAME = "merge_report.json"
 
 
 def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch.dtype:
@@ -31,9 +29,31 @@ def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch
 def stored_factors(module: MergedModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) in the inputs' stored shapes: conv kernels restored from the flattened factors."""
     template, k = module.template, module.rank
-    a = module.lora_a.reshape(k, *template.a_shape[1:])
-    b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:])
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    a = module.lora_a.reshape(k, *template.a_shape[1:]).to(dtype).contiguous()
+    b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:]).to(dtype).contiguous()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise OutputError(overflow_message(module, dtype))
+    for cast, exact in ((a, module.lora_a), (b, module.lora_b)):
+        exact = exact.to(torch.float64)
+        if torch.linalg.vector_norm(cast.to(torch.float64).reshape(exact.shape) - exact) > \
+                UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
+            name = str(dtype).removeprefix("torch.")
+            raise OutputError(f"module {module.name}: the merged update is too small for {name} (it would be "
+                              f"written as zeros); write it with --dtype float32")
+    return a, b
+
+
+def overflow_message(module: MergedModule, dtype: torch.dtype) -> str:
+    """Why a module's factors do not fit in `dtype`, and what to do about it."""
+    name = str(dtype).removeprefix("torch.")
+    largest = max(float(module.lora_a.abs().max()), float(module.lora_b.abs().max()))
+    reach = f"its factors reach {largest:.3g}" if largest < float("inf") else "its factors overflow"
+    limit = torch.finfo(dtype).max
+    if dtype == torch.float16:
+        advice = "write it with --dtype float32 (or bfloat16)"
+    else:
+        advice = "use a smaller --alpha or smaller --weights"
+    return f"module {module.name}: the merged adapter does not fit in {name} ({reach}; {name} stops at {limit:.3g}); {advice}"
 
 
 def peft_tensors(module: MergedModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -71,39 +91,6 @@ def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter)
         "modules_to_save": None,
         "inference_mode": True,
     }
-
-
-def check_output_folder(output: Path) -> None:
-    """Refuse to overwrite anything but an earlier coremerge output.
-
-    Raises:
-        CoreMergeError: the path is a file, or a non-empty folder without a merge report.
-    """
-    if output.is_file():
-        raise CoreMergeError(f"--output {output}: is a file; give a folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / REPORT_NAME).is_file():
-        raise CoreMergeError(
-            f"--output {output}: folder exists and is not empty (nor an earlier coremerge output); choose a new folder"
-        )
-
-
-@contextmanager
-def atomic_folder(output: Path) -> Iterator[Path]:
-    """A temporary folder beside `output` that replaces it only if the block succeeds."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield staging
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(retired / output.name)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:

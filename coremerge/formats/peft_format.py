@@ -3,16 +3,16 @@
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, describe_os_error
 from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
 from .sources import CONFIG_NAME, ResolvedSource
+from .validation import FACTOR_KEY, FLOAT_DTYPES, check_factor_shapes, check_float_dtype, check_lora_config
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_AB|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
@@ -28,7 +28,6 @@ REFUSED_KEYS = {
     "vera_lambda": "VeRA",
     "lora_mid": "LoCon with a CP / Tucker core (lora_mid)",
 }
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
@@ -45,9 +44,6 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
     if not grouped:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors (lora_A / lora_B)")
     modules = {name: module_spec(source, config, name, parts, shapes) for name, parts in sorted(grouped.items())}
-    if ignored:
-        print(f"coremerge: warning: {source}: ignoring {len(ignored)} non-LoRA tensor(s) such as {ignored[0]} "
-              "(modules_to_save and similar are not merged)", file=sys.stderr)
     return Adapter(
         source=source,
         weights_path=resolved.weights_path,
@@ -64,22 +60,29 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
 
 
 def tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:
-    """Every tensor's shape, and the LoRA tensors' dtype, without reading the data."""
+    """Every tensor's shape, and the LoRA tensors' dtype, without reading the data.
+
+    Raises:
+        AdapterFormatError: an unreadable file, or a LoRA factor that is not a float tensor (naming its key).
+    """
     path = resolved.weights_path
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt") as handle:
                 slices = {key: handle.get_slice(key) for key in handle.keys()}
                 shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
-                dtypes = [s.get_dtype() for key, s in slices.items() if ".lora_" in key]
+                dtypes = {key: s.get_dtype() for key, s in slices.items()}
         except Exception as error:  # noqa: BLE001 - a corrupt file is one user problem
             raise AdapterFormatError(f"{resolved.source}: {path.name} is not a readable safetensors file ({error})")
-        dtype = SAFETENSORS_DTYPES.get(dtypes[0] if dtypes else "F32", torch.float32)
     else:
         tensors = load_pickled_state_dict(resolved.source, path)
         shapes = {key: tuple(t.shape) for key, t in tensors.items()}
-        dtype = next((t.dtype for key, t in tensors.items() if ".lora_" in key), torch.float32)
-    return shapes, dtype
+        dtypes = {key: t.dtype for key, t in tensors.items()}
+    factors = [key for key in shapes if FACTOR_KEY.search(key) and not key.endswith(".alpha")]
+    for key in factors:
+        check_float_dtype(resolved.source, key, dtypes[key])
+    dtype = dtypes[factors[0]] if factors else torch.float32
+    return shapes, FLOAT_DTYPES.get(dtype, dtype)
 
 
 def refuse_non_lora(source: str, shapes: dict) -> None:
@@ -108,8 +111,10 @@ def _read_config(resolved: ResolvedSource) -> dict:
         )
     try:
         config = json.loads(resolved.config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise AdapterFormatError(f"{source}: {CONFIG_NAME} is not valid JSON ({error})") from error
+    except OSError as error:
+        raise AdapterFormatError(f"{source}: cannot read {CONFIG_NAME} ({describe_os_error(error)})") from error
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed (expected a JSON object)")
     peft_type = config.get("peft_type")
@@ -124,13 +129,7 @@ def _read_config(resolved: ResolvedSource) -> dict:
             f"{source}: DoRA adapter (use_dora: true); its magnitude vector makes the update not a plain "
             "low-rank product, so coremerge refuses to merge it"
         )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed ({key} must be a positive number)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterFormatError(f"{source}: {CONFIG_NAME} is malformed ({key} must be an object)")
+    check_lora_config(source, config, CONFIG_NAME)
     return config
 
 
@@ -162,12 +161,10 @@ def module_spec(source: str, config: dict, name: str, parts: dict[str, str], sha
         if part not in parts:
             raise AdapterFormatError(f"{source}: module {name} has no {part} tensor")
     a_shape, b_shape = shapes[parts[a_part]], shapes[parts[b_part]]
-    rank = a_shape[0]
     mixer_key: Optional[str] = parts.get("lora_AB")
-    if len(b_shape) < 2 or b_shape[1] != rank or (mixer_key and shapes[mixer_key] != (rank, rank)):
-        raise AdapterFormatError(
-            f"{source}: module {name} has inconsistent LoRA shapes (A {a_shape}, B {b_shape}); rank {rank} expected"
-        )
+    check_factor_shapes(source, name, parts[a_part], a_shape, parts[b_part], b_shape,
+                        shapes[mixer_key] if mixer_key else None, embedding)
+    rank = a_shape[0]
     configured_rank = _resolve_pattern(config.get("rank_pattern"), name, config["r"])
     alpha = _resolve_pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
     if configured_rank != rank:

@@ -10,9 +10,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from ..errors import CoreMergeError
 from ..formats.adapter import Adapter, MergedModule
 from .options import MergeOptions
-from .spaces import merge_module, to_lora
+from .spaces import check_finite_scale, merge_module, to_lora
 
 MODULES_PER_READ = 16  # files are reopened per chunk so that their memory maps do not pile up
 WORKERS = 2  # modules merged at once (torch releases the GIL)
@@ -60,8 +61,12 @@ def merge_adapters(
     started, consumer = time.perf_counter(), 0.0
 
     def merge_one(name: str, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
-        update = merge_module(tasks, options, module_generator(seed, name))
-        return to_lora(update, options.rank, factor_dtype)
+        check_finite_scale(name, tasks, options.alpha)
+        try:
+            update = merge_module(tasks, options, module_generator(seed, name))
+            return to_lora(update, options.rank, factor_dtype)
+        except (torch.linalg.LinAlgError, RuntimeError) as error:  # e.g. an SVD that does not converge
+            raise CoreMergeError(f"module {name}: the merge failed numerically ({str(error).splitlines()[0]})")
 
     def finish(name: str, users: list[int], future) -> MergedModule:
         lora_b, lora_a = future.result()

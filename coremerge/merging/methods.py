@@ -233,7 +233,7 @@ class Parameter:
 
     def validate(self, value: float) -> float:
         too_low = value <= self.low if self.low_exclusive else value < self.low
-        if too_low or value > self.high or (self.kind is int and value != int(value)):
+        if not math.isfinite(value) or too_low or value > self.high or (self.kind is int and value != int(value)):
             bracket = "(" if self.low_exclusive else "["
             raise CoreMergeError(
                 f"{self.flag} {value}: must be {'an integer' if self.kind is int else 'a number'} "
@@ -252,6 +252,7 @@ class Method:
     summary: str
     function: Callable[..., torch.Tensor]
     parameters: tuple[Parameter, ...] = ()
+    changes_single: bool = False  # whether one task alone comes out changed (trimmed, dropped or flattened)
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.parameters}
@@ -282,20 +283,21 @@ register(Method("ta", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
                 "Sum of the task updates.", task_arithmetic))
 register(Method("ties", "TIES", "https://arxiv.org/abs/2306.01708",
                 "Trim small entries, elect a sign per entry, average the agreeing tasks.", ties,
-                (_density(0.2, "fraction of entries each task keeps"),)))
+                (_density(0.2, "fraction of entries each task keeps"),), changes_single=True))
 register(Method("dare", "DARE", "https://arxiv.org/abs/2311.03099",
                 "Drop entries at random, rescale the rest, sum.", dare,
-                (_density(0.9, "probability of keeping each entry"), SEED)))
+                (_density(0.9, "probability of keeping each entry"), SEED), changes_single=True))
 register(Method("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099",
                 "DARE's random drop, then TIES's sign election and disjoint mean.", dare_ties,
-                (_density(0.9, "probability of keeping each entry"), SEED)))
+                (_density(0.9, "probability of keeping each entry"), SEED), changes_single=True))
 register(Method("tsv", "TSV-Merge", "https://arxiv.org/abs/2412.00081",
                 "Each task's top singular directions, decorrelated (polar factors).", tsv))
 register(Method("iso_c", "Iso-C", "https://arxiv.org/abs/2502.04959",
-                "Task sum with a flat (isotropic) spectrum.", iso_c))
+                "Task sum with a flat (isotropic) spectrum.", iso_c, changes_single=True))
 register(Method("iso_cts", "Iso-CTS", "https://arxiv.org/abs/2502.04959",
                 "Common plus task-specific directions, flat spectrum.", iso_cts,
-                (Parameter("common_fraction", 0.8, 0.0, 1.0, "share of directions from the common subspace"),)))
+                (Parameter("common_fraction", 0.8, 0.0, 1.0, "share of directions from the common subspace"),),
+                changes_single=True))
 register(Method("cart", "CART", "https://arxiv.org/abs/2412.12153",
                 "Average plus a scaled low-rank sum of the centred tasks.", cart,
                 (Parameter("rank_fraction", 0.04, 0.0, 1.0, "rank of each centred term as a fraction of min(shape)",

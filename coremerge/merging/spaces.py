@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..errors import CoreMergeError
 from ..formats.adapter import TaskFactors
 from .linalg import EPS64, Basis, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
@@ -101,6 +102,24 @@ def merge_module(tasks: Sequence[TaskFactors], options: MergeOptions, generator:
     """Merge one module's tasks in the space the options name."""
     update = SPACE_MERGES[options.space](tasks, options, generator)
     return replace(update, noise_floor=noise_floor(tasks, options))
+
+
+SAFE_SCALE = 1e200  # float64 SVDs and products of updates up to this size stay finite
+
+
+def check_finite_scale(name: str, tasks: Sequence[TaskFactors], alpha: float) -> None:
+    """Refuse weights and alpha whose product with an update would overflow float64 in the merge.
+
+    Raises:
+        CoreMergeError: naming the module and the adapter.
+    """
+    for task in tasks:
+        bound = abs(alpha) * abs(task.weight) * task.norm_bound()
+        if not bound <= SAFE_SCALE:
+            raise CoreMergeError(
+                f"{task.source or 'an adapter'}: module {name}: its update times its weight ({task.weight:g}) and "
+                f"--alpha ({alpha:g}) is too large to merge (over {SAFE_SCALE:g}); use smaller weights or alpha"
+            )
 
 
 def noise_floor(tasks: Sequence[TaskFactors], options: MergeOptions) -> float:

@@ -1,20 +1,22 @@
 """Sources in, merged adapter out (a peft folder, or a diffusers file for SD LoRAs): `coremerge merge` in one call."""
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..errors import CoreMergeError
+from ..errors import CoreMergeError, shown
 from ..formats.checks import check_same_base_model, check_sources
 from ..formats.diffusion_export import diffusers_tensors, write_diffusers_file
 from ..formats.diffusion_family import is_diffusion_set, shared_family
 from ..formats.loading import load_adapters
-from ..formats.peft_export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config,
-                                   peft_tensors, write_peft_folder, write_report)
+from ..formats.output_folder import WEIGHTS_NAME, atomic_folder, check_output_location
+from ..formats.peft_export import output_dtype, peft_config, peft_tensors, write_peft_folder, write_report
 from ..version import __version__
 from .merge import Timings, merge_adapters
+from .methods import METHODS
 from .options import MergeOptions
 
 
@@ -33,14 +35,17 @@ def merge_to_folder(
         CoreMergeError: any bad input; nothing is left in `output` then.
     """
     started = time.perf_counter()
-    output = Path(output)
     check_sources(sources)
     options.weights_for(len(sources))
-    check_output_folder(output)
+    check_output_location(output, sources)  # before any adapter is read
+    output = Path(output)
+    warnings = single_adapter_warnings(sources, options)
     timings = Timings()
     clock = time.perf_counter()
     adapters = load_adapters(sources)
     base_model = check_same_base_model(adapters)
+    warnings += [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA tensor(s) such as {a.ignored_keys[0]} "
+                 "(modules_to_save and similar are not merged)" for a in adapters if a.ignored_keys]
     timings.loading += time.perf_counter() - clock
     dtype = output_dtype(adapters, options.dtype)
     diffusion = is_diffusion_set(adapters)
@@ -66,7 +71,7 @@ def merge_to_folder(
         raise CoreMergeError("the merged update is zero in every module (do the weights cancel?); nothing to write")
 
     clock = time.perf_counter()
-    with atomic_folder(output) as staging:
+    with atomic_folder(output, sources) as staging:
         report = {
             "coremerge_version": __version__,
             "base_model": base_model,
@@ -83,6 +88,7 @@ def merge_to_folder(
             "output_dtype": str(dtype).removeprefix("torch."),
             "modules": module_reports,
             "zero_modules": zero_modules,
+            "warnings": warnings,
         }
         if diffusion:
             weights_path = write_diffusers_file(staging, tensors, ranks, adapters[0])
@@ -99,4 +105,19 @@ def merge_to_folder(
         report["bytes"] = {"in": sum(a.nbytes for a in adapters), "out": weights_path.stat().st_size}
         report["file"] = weights_path.name
         write_report(staging, report)
+    for warning in warnings:  # after success only: a failure is reported as its one line
+        print(f"coremerge: warning: {shown(warning)}", file=sys.stderr)
     return report
+
+
+def single_adapter_warnings(sources: Sequence[str], options: MergeOptions) -> list[str]:
+    """One adapter alone is returned unchanged by ta, tsv and cart, but changed by trimming, dropping or
+    flattening; say so, since the user probably expected a copy."""
+    if len(sources) != 1 or options.params.get("density") == 1:
+        return []
+    changes = [f"--method {options.method}"] if METHODS[options.method].changes_single else []
+    changes += ["--isotropize"] if options.isotropize else []
+    if not changes:
+        return []
+    return [f"{sources[0]} is merged alone, and {' with '.join(changes)} changes it (it trims, drops or flattens "
+            "the update); use --method ta to keep it as it is"]
