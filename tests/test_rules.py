@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from coremerge import MergeOptions, load_adapters, merge_to_folder
 from coremerge.cli import main
 from coremerge.comparison.images import GenerationSettings
+from coremerge.errors import OutputError
 from coremerge.formats import peft_export
 from coremerge.merging.merge import merge_adapters
 from coremerge.presets import find_preset
@@ -155,7 +156,7 @@ def test_a_failed_write_leaves_the_earlier_output_and_no_staging_folder(adapters
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("coremerge.merging.to_folder.write_report", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OutputError, match=r"--output .*out: writing failed \(no space left on device\)$"):
         merge_to_folder([str(adapters["plain"]), str(adapters["named"])], MergeOptions.create(method="tsv"), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.partial-* or .out.old-* left
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier output, untouched
