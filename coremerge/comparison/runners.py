@@ -83,4 +83,14 @@ def runner_for(preset_name: str, presets_folder: Optional[Path] = None):
     return build_runner(preset)
 
 
+def parameter_count(runner) -> int:
+    """Parameters of the model a runner runs (a pipeline's denoiser), for the GPU time a comparison needs."""
+    pipe = getattr(runner, "pipe", None)
+    model = getattr(runner, "model", None)
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            model = getattr(pipe, name)
+    return sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+
+
 RUNNER_LOCK = threading.Lock()  # adapters are switched in place on the shared model
