@@ -1,0 +1,155 @@
+"""Hub presets end to end on faithful stand-ins, offline: the app's handler merges, compares and packages.
+
+Each stand-in is a tiny model of the real base model's class, with its module names and file layout, and
+adapters saved by peft with the real repos' configuration, all put into a Hub cache laid out as
+huggingface_hub lays it out (tests/hub_cache.py); HF_HUB_OFFLINE=1 (conftest), HF_HUB_CACHE points there.
+
+tinyllama-tasks, what the stand-in relies on:
+- huggingface/peft docs/source/developer_guides/model_merging.md and
+  examples/multi_adapter_examples/Lora_Merging.ipynb: the tokenizer comes from smangrul/tinyllama_lora_norobots,
+  and the base model's embeddings are resized to it (32005 = 32000 + 5 added tokens) before the adapters load.
+- huggingface/peft examples/sft/utils.py `ChatmlSpecialTokens` (the script those adapters were trained with):
+  the added tokens are "<|im_start|>user", "<|im_start|>assistant", "<|im_start|>system" (additional special
+  tokens), "<|im_end|>" (eos) and "<pad>" (pad): 5 new ones, "<s>" already exists. examples/sft/run_peft.sh:
+  LoRA r 8, alpha 16, dropout 0.1 on q/k/v/o/gate/up/down_proj.
+- peft's get_peft_model_state_dict (save_embedding_layers="auto"): a model whose vocabulary was resized saves
+  its full embed_tokens and lm_head beside the LoRA tensors (why the guide must resize before loading).
+  The real repos' files were not read here (no Hub access): that they hold these tensors is inferred from the
+  guide having to resize.
+"""
+
+import json
+import re
+import zipfile
+
+import pytest
+import torch
+from huggingface_hub import constants
+from hub_cache import add_repo, folder_files
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from coremerge.comparison import runners
+from coremerge.presets import find_preset
+from coremerge.webapp import handlers
+from coremerge.webapp.cache import ResultCache
+
+TINYLLAMA = find_preset("tinyllama-tasks")
+CHATML = {"additional_special_tokens": ["<|im_start|>user", "<|im_start|>assistant", "<|im_start|>system"],
+          "eos_token": "<|im_end|>", "pad_token": "<pad>"}
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(handlers, "CACHE", ResultCache(capacity=4, root=tmp_path / "results"))
+    runners.runner_for.cache_clear()
+    yield cache
+    runners.runner_for.cache_clear()
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-like tokenizer, small: <unk> <s> </s> and the 256 byte tokens, no merges."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tinyllama_standin(root, cache):
+    """Base repo (LlamaForCausalLM + tokenizer), three adapter repos saved by peft from a resized base; the first
+    also holds the ChatML tokenizer. Returns the base folder and the adapter tokenizer."""
+    base_tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(base_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(config).eval()
+    base_folder = root / "base"
+    base.save_pretrained(base_folder)
+    base_tokenizer.save_pretrained(base_folder)
+    add_repo(cache, TINYLLAMA.base_model, folder_files(base_folder))
+
+    adapter_tokenizer = byte_level_tokenizer()
+    adapter_tokenizer.add_special_tokens(CHATML)
+    assert len(adapter_tokenizer) == len(base_tokenizer) + 5
+    for seed, adapter in enumerate(TINYLLAMA.adapters, 1):
+        torch.manual_seed(100 + seed)  # each training run initialised its new rows itself
+        model = LlamaForCausalLM.from_pretrained(base_folder)
+        model.resize_token_embeddings(len(adapter_tokenizer))
+        model.name_or_path = TINYLLAMA.base_model
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
+                                                      target_modules=LLAMA_TARGETS, init_lora_weights=False))
+        folder = root / adapter.task
+        # What "auto" decides online (the vocabulary differs from the base repo's config): embed_tokens and lm_head
+        # go along. Offline peft cannot read that config, so it is said here.
+        peft_model.save_pretrained(folder, save_embedding_layers=True)
+        if adapter.source == TINYLLAMA.tokenizer:
+            adapter_tokenizer.save_pretrained(folder)
+        add_repo(cache, adapter.source, folder_files(folder), absent=("config.json",))  # AutoTokenizer looks
+    return base_folder, adapter_tokenizer
+
+
+def expected_answers(base_folder, adapter_tokenizer, adapter_source, prompts, max_new_tokens):
+    """The guide's way, independently: base, resized to the adapter tokenizer, with the adapter alone."""
+    model = LlamaForCausalLM.from_pretrained(base_folder)
+    model.resize_token_embeddings(len(adapter_tokenizer))
+    model = PeftModel.from_pretrained(model, adapter_source).eval()
+    batch = adapter_tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=adapter_tokenizer.pad_token_id)
+    return adapter_tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cells_of(table: str) -> tuple[list[str], list[list[str]]]:
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = [re.findall(r'<td class="cm-text">(.*?)</td>', row, re.S) for row in table.split("<tr>")[2:]]
+    return header, rows
+
+
+def test_tinyllama_tasks_merge_side_by_side_and_download(hub_cache, tmp_path):
+    import html
+
+    base_folder, adapter_tokenizer = tinyllama_standin(tmp_path, hub_cache)
+    saved = load_file(hub_cache / "models--smangrul--tinyllama_lora_sql" / "snapshots" /
+                      "0123456789abcdef0123456789abcdef01234567" / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.weight"].shape[0] == len(adapter_tokenizer)
+    assert "base_model.model.lm_head.weight" in saved  # what the real adapters save beyond LoRA tensors
+    assert len(adapter_tokenizer("<|im_start|>user")["input_ids"]) == 1  # ChatML tokens are single tokens
+
+    rows, _, _, prompts_text, _ = handlers.preset_view(TINYLLAMA.name)
+    values = [p.default for p in handlers.PARAMETERS]
+    outputs = handlers.merge_and_compare(TINYLLAMA.name, rows, "tsv", "core", 1.0, False, None, prompts_text,
+                                         lambda fraction, desc=None: None, *values)
+    summary, table, *_, zip_path, snippet, key = outputs
+
+    header, cells = cells_of(table)
+    names = [a.name for a in TINYLLAMA.adapters]
+    assert header == ["prompt", "Base", *names, "Merged"]
+    assert len(cells) == len(TINYLLAMA.samples.prompts)
+    runner = runners.runner_for(TINYLLAMA.name, TINYLLAMA.folder)
+    assert len(runner.tokenizer) == len(adapter_tokenizer)  # the adapter repo's tokenizer
+    assert runner.model.get_input_embeddings().num_embeddings == len(adapter_tokenizer)  # resized
+    for adapter in TINYLLAMA.adapters:
+        expected = expected_answers(base_folder, adapter_tokenizer, adapter.source, TINYLLAMA.samples.prompts,
+                                    runner.max_new_tokens)
+        shown = [html.unescape(row[header.index(adapter.name)]) for row in cells]
+        assert shown == expected and any(shown), adapter.name
+
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(tmp_path / "download")
+    folder = next((tmp_path / "download").rglob("adapter_config.json")).parent
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == TINYLLAMA.base_model
+    model = LlamaForCausalLM.from_pretrained(base_folder)
+    model.resize_token_embeddings(len(adapter_tokenizer))
+    PeftModel.from_pretrained(model, str(folder))  # the download loads onto the guide's resized base
