@@ -153,3 +153,73 @@ def test_tinyllama_tasks_merge_side_by_side_and_download(hub_cache, tmp_path):
     model = LlamaForCausalLM.from_pretrained(base_folder)
     model.resize_token_embeddings(len(adapter_tokenizer))
     PeftModel.from_pretrained(model, str(folder))  # the download loads onto the guide's resized base
+
+
+# sd15-styles and sdxl-styles, what the stand-ins rely on:
+# - the base repos are diffusers pipelines saved by save_pretrained (model_index.json, one folder per component,
+#   diffusion_pytorch_model.safetensors / model.safetensors), as stable-diffusion-v1-5/stable-diffusion-v1-5 and
+#   stabilityai/stable-diffusion-xl-base-1.0 are laid out; the tiny pipelines of tests/tiny_diffusion.py have the
+#   same classes and module names (StableDiffusionPipeline / StableDiffusionXLPipeline, UNet2DConditionModel,
+#   CLIPTextModel and CLIPTextModelWithProjection), without the SD 1.5 safety checker.
+# - the LoRAs are single kohya / A1111 files at the presets' paths (huggingface/diffusers
+#   tests/lora/test_lora_layers_sd.py loads the SD 1.5 ones with load_lora_weights(repo, weight_name=...);
+#   docs/source/en/tutorials/using_peft_for_inference.md the SDXL ones): lora_unet_* (Stability's sgm block
+#   names for SDXL), lora_te_* (SD 1.x) or lora_te1_* / lora_te2_* (SDXL), .lora_down / .lora_up / .alpha,
+#   written by diffusers' own peft -> kohya converter (tests/tiny_diffusion.py write_kohya).
+
+SD_UNET_TARGETS = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def diffusion_standin(preset, root, cache):
+    from tiny_diffusion import add_lora, tiny_sd15, tiny_sdxl, tiny_tokenizer, write_kohya
+
+    sdxl = preset.name == "sdxl-styles"
+    tokenizer = tiny_tokenizer(root / "tokenizer")
+    build = tiny_sdxl if sdxl else tiny_sd15
+    build(tokenizer).save_pretrained(root / "base")
+    add_repo(cache, preset.base_model, folder_files(root / "base"))
+    text_encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+    for seed, adapter in enumerate(preset.adapters, 1):
+        configs = {"unet": LoraConfig(r=4, lora_alpha=4, target_modules=SD_UNET_TARGETS, init_lora_weights=False),
+                   **{name: LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                       init_lora_weights=False) for name in text_encoders}}
+        path = write_kohya(root / f"lora{seed}.safetensors", add_lora(build(tokenizer), configs, seed), alpha=4,
+                           sgm=sdxl)
+        org, name, inner = adapter.source.split("/", 2)
+        add_repo(cache, f"{org}/{name}", {inner: path})
+    return root / "base"
+
+
+@pytest.mark.parametrize("name", ["sd15-styles", "sdxl-styles"])
+def test_diffusion_presets_merge_side_by_side_and_download(name, hub_cache, tmp_path, monkeypatch, request):
+    from dataclasses import replace
+
+    from diffusers import DiffusionPipeline
+
+    from coremerge.webapp import workflow
+
+    preset = find_preset(name)
+    base = diffusion_standin(preset, tmp_path, hub_cache)
+    # The app's limits on image size and steps (a Space operator's knob) keep the tiny pipelines fast here.
+    monkeypatch.setattr(workflow, "LIMITS", replace(workflow.LIMITS, image_side=32, steps=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only fights on a shared machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+
+    rows, _, _, prompts_text, uses_prompts = handlers.preset_view(name)
+    assert uses_prompts
+    values = [p.default for p in handlers.PARAMETERS]
+    outputs = handlers.merge_and_compare(name, rows, "ta", "core", 1.0, False, None, prompts_text,
+                                         lambda fraction, desc=None: None, *values)
+    summary, grid_html, *_, zip_path, snippet, key = outputs
+    runner = runners.runner_for(name, preset.folder)
+    assert type(runner.pipe).__name__ == ("StableDiffusionXLPipeline" if "xl" in name else "StableDiffusionPipeline")
+    assert grid_html.count("<img ") == len(preset.samples.prompts) * (len(preset.adapters) + 2)
+    assert all(f"{a.name}" in grid_html for a in preset.adapters)
+
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(tmp_path / "download")
+    weights = next((tmp_path / "download").rglob("pytorch_lora_weights.safetensors"))
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="merged")
+    assert "merged" in pipe.get_list_adapters()["unet"]

@@ -163,8 +163,9 @@ def _tasks_of(preset: Preset, sources: Sequence[str]) -> list[Optional[str]]:
     return [tasks_by_source.get(source) for source in sources]
 
 
-def generation_settings(preset: Preset, limits: Limits = LIMITS) -> GenerationSettings:
-    """The preset's image generation settings, within the limits on size and steps."""
+def generation_settings(preset: Preset, limits: Optional[Limits] = None) -> GenerationSettings:
+    """The preset's image generation settings, within the limits on size and steps (the app's, by default)."""
+    limits = limits or LIMITS
     settings = GenerationSettings(**preset.samples.generation)
     return replace(settings, num_inference_steps=min(settings.num_inference_steps, limits.steps),
                    width=min(settings.width, limits.image_side), height=min(settings.height, limits.image_side))
