@@ -223,3 +223,59 @@ def test_diffusion_presets_merge_side_by_side_and_download(name, hub_cache, tmp_
     pipe = DiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="merged")
     assert "merged" in pipe.get_list_adapters()["unet"]
+
+
+# knots-vit-b32, what the stand-in relies on: gstoica27/KnOTS utils.py prepare_hf_clip loads each
+# hoffman-lab/KnOTS-ViT-B-32_lora_R16_<task> repo with PeftModel.from_pretrained onto CLIPModel.vision_model;
+# apanariello4/core-space-merging configs/vitB_r16_*.py: rank 16, alpha 16, q/k/v/out_proj, base
+# openai/clip-vit-base-patch32. So: a peft folder per repo, keys base_model.model.encoder.layers.<i>.self_attn.*.
+# The side by side of this preset (zero-shot CLIP heads on the Hub datasets) is not built yet: merge and download.
+
+def knots_standin(preset, root, cache):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "vocab_size": 99},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(root / "base")
+    add_repo(cache, preset.base_model, folder_files(root / "base"))
+    folders = []
+    for seed, adapter in enumerate(preset.adapters, 1):
+        vision = CLIPModel.from_pretrained(root / "base").vision_model
+        vision.name_or_path = preset.base_model
+        torch.manual_seed(seed)
+        lora_config = LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                 init_lora_weights=False)
+        get_peft_model(vision, lora_config).save_pretrained(root / adapter.task)
+        add_repo(cache, adapter.source, folder_files(root / adapter.task))
+        folders.append(root / adapter.task)
+    return root / "base", folders
+
+
+def test_knots_vit_b32_merges_offline_and_the_download_is_the_sum_of_the_eight(hub_cache, tmp_path):
+    from conftest import peft_deltas
+    from transformers import CLIPModel
+
+    preset = find_preset("knots-vit-b32")
+    base, folders = knots_standin(preset, hub_cache.parent, hub_cache)
+    rows, *_ = handlers.preset_view(preset.name)
+    values = [p.default for p in handlers.PARAMETERS]
+    outputs = handlers.merge_and_compare(preset.name, rows, "ta", "core", 1.0, False, None, "",
+                                         lambda fraction, desc=None: None, *values)
+    zip_path = outputs[7]
+    assert 'id="cm-no-comparison"' in outputs[1]
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(tmp_path / "download")
+    merged = next((tmp_path / "download").rglob("adapter_config.json")).parent
+    vision = lambda: CLIPModel.from_pretrained(base).vision_model  # noqa: E731
+    got = peft_deltas(vision(), merged)
+    expected = {}
+    for folder in folders:
+        for name, delta in peft_deltas(vision(), folder).items():
+            expected[name] = expected.get(name, 0) + delta
+    assert set(got) == set(expected) and len(got) == 2 * 4
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
