@@ -14,7 +14,7 @@ from ..formats.loading import load_adapters
 from ..formats.peft_export import (WEIGHTS_NAME, atomic_folder, check_output_folder, output_dtype, peft_config,
                                    peft_tensors, write_peft_folder, write_report)
 from ..version import __version__
-from .merge import Timings, merge_adapters
+from .merge import Timings, check_device, merge_adapters
 from .options import MergeOptions
 
 
@@ -23,9 +23,11 @@ def merge_to_folder(
     options: MergeOptions,
     output: Path,
     progress: Optional[Callable[[int, int], None]] = None,
+    device: str = "cpu",
 ) -> dict:
     """Merge the sources' adapters and write them with a merge report: a peft folder, or for Stable
     Diffusion LoRAs one diffusers-format `pytorch_lora_weights.safetensors` that `load_lora_weights` loads.
+    `device` ("cpu" or "cuda") is where the merge computes, in float64 either way.
 
     Returns:
         The merge report (also written as merge_report.json).
@@ -37,6 +39,7 @@ def merge_to_folder(
     check_sources(sources)
     options.weights_for(len(sources))
     check_output_folder(output)
+    check_device(device)
     timings = Timings()
     clock = time.perf_counter()
     adapters = load_adapters(sources)
@@ -48,7 +51,7 @@ def merge_to_folder(
 
     tensors, module_reports, zero_modules = {}, {}, []
     factor_dtype = torch.float32 if dtype.itemsize < 4 else torch.float64
-    for module in merge_adapters(adapters, options, timings, progress, factor_dtype):
+    for module in merge_adapters(adapters, options, timings, progress, factor_dtype, device=device):
         module_reports[module.name] = {
             "kind": module.template.kind,
             "shape": list(module.template.shape),
