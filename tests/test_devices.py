@@ -40,3 +40,15 @@ def test_cuda_gives_the_cpu_merge(method, space, params, adapters, tmp_path):
     assert cpu.keys() == cuda.keys()
     for key in cpu:
         torch.testing.assert_close(cuda[key], cpu[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_gpu_check_says_there_is_no_cuda_and_exits_0():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert done.stdout == "gpu_check: no CUDA device on this machine; nothing to check here (exit 0)\n"
