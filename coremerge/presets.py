@@ -76,6 +76,7 @@ class Preset(_Strict):
     samples: Samples = Field(default_factory=Samples)
     merge: MergeDefaults = Field(default_factory=MergeDefaults)
     bundled: bool = False  # True: every file ships in the repo and works offline
+    tokenizer: Optional[str] = None  # text: the adapters' tokenizer (Hub ID), if not the base model's
     folder: Path = Path(".")
 
     def resolve(self, source: str) -> str:

@@ -152,3 +152,7 @@ def app_server():
     app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     app.demo.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it; scripts/gpu_check.py runs them)")

@@ -216,7 +216,7 @@ def test_new_tokens_are_capped(monkeypatch):
 
     built = {}
     monkeypatch.setattr(runners.CausalLMRunner, "__init__",
-                        lambda self, base_model, max_new_tokens=64: built.update(tokens=max_new_tokens))
+                        lambda self, base_model, max_new_tokens=64, tokenizer=None: built.update(tokens=max_new_tokens))
     preset = find_preset("tinyllama-tasks")
     greedy = type(preset.samples)(**{**vars(preset.samples), "generation": {"max_new_tokens": 4096}})
     runners.build_runner(type(preset)(**{**vars(preset), "samples": greedy}))

@@ -50,7 +50,7 @@ class Basis:
         return Basis(self.factor, self.mix @ mix)
 
     def dense(self) -> torch.Tensor:
-        return self.apply(torch.eye(self.mix.shape[1], dtype=self.mix.dtype))
+        return self.apply(torch.eye(self.mix.shape[1], dtype=self.mix.dtype, device=self.mix.device))
 
 
 def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:

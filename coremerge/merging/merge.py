@@ -5,7 +5,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -33,6 +33,19 @@ def module_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
 
 
+def check_device(device: str) -> str:
+    """The device a merge computes on: "cpu", or "cuda" / "cuda:<index>" when CUDA is present."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise CoreMergeError(f"device {device!r}: not a torch device; use cpu or cuda") from None
+    if kind not in ("cpu", "cuda"):
+        raise CoreMergeError(f"device {device!r}: merges run on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CoreMergeError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+    return device
+
+
 def module_names(adapters: Sequence[Adapter]) -> list[str]:
     return sorted({name for adapter in adapters for name in adapter.modules})
 
@@ -44,12 +57,15 @@ def merge_adapters(
     progress: Optional[Callable[[int, int], None]] = None,
     factor_dtype: torch.dtype = torch.float64,
     workers: int = WORKERS,
+    device: str = "cpu",
 ) -> Iterator[MergedModule]:
     """Merge module by module; a module counts only the adapters that target it (SPEC 1).
 
     The main thread reads each module's factors while `workers` threads merge the previous ones
     (torch releases the GIL, and the many small SVDs use one core each). `factor_dtype` is the
-    precision of the final products that give the written factors.
+    precision of the final products that give the written factors. `device` is where the spaces and
+    methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in float64, and
+    the written factors come back to the CPU.
 
     Yields:
         One `MergedModule` per module, in name order.
@@ -62,9 +78,11 @@ def merge_adapters(
 
     def merge_one(name: str, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
         check_finite_scale(name, tasks, options.alpha)
+        if device != "cpu":
+            tasks = [replace(task, a=task.a.to(device), b=task.b.to(device)) for task in tasks]
         try:
             update = merge_module(tasks, options, module_generator(seed, name))
-            return to_lora(update, options.rank, factor_dtype)
+            return tuple(factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
         except (torch.linalg.LinAlgError, RuntimeError) as error:  # e.g. an SVD that does not converge
             raise CoreMergeError(f"module {name}: the merge failed numerically ({str(error).splitlines()[0]})")
 

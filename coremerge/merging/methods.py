@@ -54,7 +54,8 @@ def disjoint_mean(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 def dare_drop_and_rescale(matrix: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """Keep each entry with probability `density` (Bernoulli) and divide the kept ones by `density`."""
-    keep = torch.rand(matrix.shape, generator=generator, dtype=torch.float64) < density
+    # drawn on the CPU generator, then moved: the same seed gives the same mask on any device
+    keep = (torch.rand(matrix.shape, generator=generator, dtype=torch.float64) < density).to(matrix.device)
     return torch.where(keep, matrix, 0.0) / density
 
 

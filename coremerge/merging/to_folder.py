@@ -15,7 +15,7 @@ from ..formats.loading import load_adapters
 from ..formats.output_folder import WEIGHTS_NAME, atomic_folder, check_output_location
 from ..formats.peft_export import output_dtype, peft_config, peft_tensors, write_peft_folder, write_report
 from ..version import __version__
-from .merge import Timings, merge_adapters
+from .merge import Timings, check_device, merge_adapters
 from .methods import METHODS
 from .options import MergeOptions
 
@@ -25,9 +25,11 @@ def merge_to_folder(
     options: MergeOptions,
     output: Path,
     progress: Optional[Callable[[int, int], None]] = None,
+    device: str = "cpu",
 ) -> dict:
     """Merge the sources' adapters and write them with a merge report: a peft folder, or for Stable
     Diffusion LoRAs one diffusers-format `pytorch_lora_weights.safetensors` that `load_lora_weights` loads.
+    `device` ("cpu" or "cuda") is where the merge computes, in float64 either way.
 
     Returns:
         The merge report (also written as merge_report.json).
@@ -37,6 +39,7 @@ def merge_to_folder(
     started = time.perf_counter()
     check_sources(sources)
     options.weights_for(len(sources))
+    check_device(device)
     check_output_location(output, sources)  # before any adapter is read
     output = Path(output)
     warnings = single_adapter_warnings(sources, options)
@@ -53,7 +56,7 @@ def merge_to_folder(
 
     tensors, module_reports, zero_modules = {}, {}, []
     factor_dtype = torch.float32 if dtype.itemsize < 4 else torch.float64
-    for module in merge_adapters(adapters, options, timings, progress, factor_dtype):
+    for module in merge_adapters(adapters, options, timings, progress, factor_dtype, device=device):
         module_reports[module.name] = {
             "kind": module.template.kind,
             "shape": list(module.template.shape),

@@ -22,8 +22,8 @@ from .availability import require_available
 from .cache import ResultCache
 from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
-from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
-                       prompts_from_text, run_merge, uses_preset_adapters, warm_up)
+from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, comparison_seconds, default_prompts_text,
+                       has_comparison, prompts_from_text, run_comparison, run_merge, uses_preset_adapters, warm_up)
 
 log = logging.getLogger("coremerge.app")
 DEFAULT_PRESET = "digits"
@@ -172,12 +172,9 @@ def warm_up_in_background(preset_name: str) -> threading.Thread:
     return thread
 
 
-def gpu_seconds(request: MergeRequest, workdir, progress=None) -> int:
-    """ZeroGPU time to ask for: grows with the adapters and prompts."""
-    return 30 + 10 * len(request.adapters) + 5 * len(request.prompts)
-
-
-run_merge_on_device = spaces.GPU(duration=gpu_seconds)(run_merge)  # a no-op off ZeroGPU
+# ZeroGPU runs only the comparison, in a forked worker; errors become gr.Error there, since the worker hands
+# back any other exception as its class name only. Off ZeroGPU spaces.GPU is a no-op.
+compare_on_gpu = spaces.GPU(duration=comparison_seconds)(user_errors(run_comparison))
 
 
 def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
@@ -215,7 +212,7 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     if outcome is None:
         try:
             with CACHE.workdir() as folder:
-                outcome = run_merge_on_device(request, folder, progress)  # all three pickle (ZeroGPU)
+                outcome = run_merge(request, folder, progress, compare=compare_on_gpu)
                 outcome = CACHE.put(key, outcome, folder)
         except HubError as error:
             if request.preset.bundled:

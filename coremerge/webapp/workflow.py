@@ -1,7 +1,8 @@
 """One merge as the app runs it: merge, explain (spectra, overlaps), compare side by side, package.
 
-Everything it returns pickles (ZeroGPU runs it in another process) and everything it writes lies in
-the `workdir` the caller gives; a failure raises CoreMergeError and the caller removes `workdir`.
+Only the comparison runs on a GPU (`run_comparison`, ZeroGPU's function): its job and its result pickle.
+Everything else runs in the calling process, on CPU. Everything it writes lies in the `workdir` the caller
+gives; a failure raises CoreMergeError and the caller removes `workdir`.
 """
 
 import json
@@ -13,7 +14,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 from ..comparison.images import GenerationSettings, ImageGrid, LoraEntry, compare_images
 from ..comparison.insights import MergeInsights, merge_insights
 from ..comparison.limits import LIMITS, Limits
-from ..comparison.runners import RUNNER_LOCK, runner_for
+from ..comparison.runners import RUNNER_LOCK, parameter_count, runner_for
 from ..comparison.side_by_side import (ClassificationComparison, TextComparison, Variant, compare_classification,
                                        compare_text, sample_images, variants_of, warm_up_classification)
 from ..errors import CoreMergeError
@@ -95,9 +96,16 @@ def check_request(request: MergeRequest, limits: Limits = LIMITS) -> None:
                                      f"{limits.prompt_chars}")
 
 
-def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_progress) -> MergeOutcome:
-    """Merge the request's adapters into `workdir`, explain and compare the merge, and package it."""
+def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_progress,
+              compare: Optional[Callable[["ComparisonJob", Progress], object]] = None) -> MergeOutcome:
+    """Merge the request's adapters into `workdir`, explain and compare the merge, and package it.
+
+    Only `compare` needs a GPU: the app passes the ZeroGPU-decorated `run_comparison`, which ZeroGPU runs in a
+    forked worker process. The merge, the explanation and the packaging run here, in the calling process, and
+    the comparison's model is loaded here too (before the fork), so that the worker inherits it.
+    """
     check_request(request)
+    compare = compare or run_comparison
     preset, rows = request.preset, request.adapters
     sources = [preset.resolve(row.source.strip()) for row in rows]
     names = [row.name.strip() or f"adapter {i}" for i, row in enumerate(rows, 1)]
@@ -116,10 +124,19 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     insights = merge_insights(load_adapters(sources), load_adapter(str(folder)), options.weights_for(len(rows)))
     seconds["explain"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    comparison = _compare(preset, sources, names, tasks, folder, request.prompts,
-                          lambda text: progress(0.45, desc=text))
-    seconds["compare"] = time.perf_counter() - clock
+    comparison = None
+    if has_comparison(preset):
+        progress(0.4, desc=f"loading {preset.base_model} (once per preset)")
+        clock = time.perf_counter()
+        # The lock is held across the GPU call: a worker forked meanwhile must not find it taken by another thread.
+        with RUNNER_LOCK:
+            runner = runner_for(preset.name, preset.folder)
+            seconds["load"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            job = ComparisonJob(preset, tuple(names), tuple(sources), tuple(tasks), str(folder), request.prompts,
+                                parameter_count(runner))
+            comparison = compare(job, progress)
+        seconds["compare"] = time.perf_counter() - clock
 
     progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
@@ -146,8 +163,9 @@ def _tasks_of(preset: Preset, sources: Sequence[str]) -> list[Optional[str]]:
     return [tasks_by_source.get(source) for source in sources]
 
 
-def generation_settings(preset: Preset, limits: Limits = LIMITS) -> GenerationSettings:
-    """The preset's image generation settings, within the limits on size and steps."""
+def generation_settings(preset: Preset, limits: Optional[Limits] = None) -> GenerationSettings:
+    """The preset's image generation settings, within the limits on size and steps (the app's, by default)."""
+    limits = limits or LIMITS
     settings = GenerationSettings(**preset.samples.generation)
     return replace(settings, num_inference_steps=min(settings.num_inference_steps, limits.steps),
                    width=min(settings.width, limits.image_side), height=min(settings.height, limits.image_side))
@@ -159,35 +177,80 @@ def has_comparison(preset: Preset) -> bool:
     return preset.kind != "image-classification" or preset.bundled
 
 
-def _compare(preset: Preset, sources: Sequence[str], names: Sequence[str], tasks: Sequence[Optional[str]],
-             merged: Path, prompts: Sequence[str], progress: Callable[[str], None]):
-    """Side by side on the preset's model: sample images (classification), prompts (text) or generated images."""
-    if not has_comparison(preset):
-        return None
-    with RUNNER_LOCK:
-        runner = runner_for(preset.name, preset.folder)
-        if preset.kind == "image-classification":
-            return compare_classification(runner, sample_images(preset.folder, preset.samples.images),
-                                          variants_of(names, sources, tasks, str(merged)), progress)
-        if preset.kind == "text-generation":
-            return compare_text(runner, prompts, variants_of(names, sources, tasks, str(merged)), progress)
-        if preset.kind == "image-generation":
-            progress("generating images: base, each LoRA, merged")
-            triggers = {preset.resolve(a.source): a.trigger or "" for a in preset.adapters}
-            loras = [LoraEntry(name, source, triggers.get(source, "")) for name, source in zip(names, sources)]
-            return compare_images(runner.pipe, loras, merged, prompts, generation_settings(preset),
-                                  merged_name="Merged")
+@dataclass(frozen=True)
+class ComparisonJob:
+    """The side by side's work, as the GPU function receives it (it pickles: only names, paths and numbers).
+
+    The model it runs on is not in it: that one was loaded in the main process, which ZeroGPU's worker forks."""
+
+    preset: Preset
+    names: tuple[str, ...]
+    sources: tuple[str, ...]
+    tasks: tuple[Optional[str], ...]
+    merged: str  # the merged adapter's folder
+    prompts: tuple[str, ...]
+    parameters: int  # of the model the comparison runs on
+
+    @property
+    def variants(self) -> list[Variant]:
+        return variants_of(self.names, self.sources, self.tasks, self.merged)
+
+
+# Rough speeds on a ZeroGPU device (an A100 slice), per billion parameters of the model that runs.
+SECONDS_PER_TOKEN = 0.02  # one generated token of one prompt
+SECONDS_PER_STEP = 0.06  # one denoising step of one 512 x 512 image (classifier-free guidance included)
+SECONDS_PER_IMAGE = 0.002  # one image through a vision encoder
+SECONDS_PER_ADAPTER = 2.0  # loading one adapter onto the model
+GPU_SECONDS = (15, 300)  # asked for at least / at most
+
+
+def comparison_seconds(job: ComparisonJob, progress: object = None) -> int:
+    """ZeroGPU time to ask for, from the work: variants x prompts x tokens or steps (or images), by model size."""
+    variants = len(job.names) + 2  # base, each adapter, merged
+    billions = max(job.parameters / 1e9, 0.05)
+    preset = job.preset
+    if preset.kind == "text-generation":
+        tokens = min(int(preset.samples.generation.get("max_new_tokens", 64)), LIMITS.new_tokens)
+        work = variants * len(job.prompts) * tokens * SECONDS_PER_TOKEN * billions
+    elif preset.kind == "image-generation":
+        settings = generation_settings(preset)
+        pixels = settings.width * settings.height / 512 ** 2
+        work = variants * len(job.prompts) * settings.num_inference_steps * SECONDS_PER_STEP * billions * pixels
+    else:
+        images = max(len(preset.samples.images), 8 * len(preset.samples.datasets))
+        work = variants * images * SECONDS_PER_IMAGE * billions
+    low, high = GPU_SECONDS
+    return int(min(high, max(low, low + work + SECONDS_PER_ADAPTER * (variants - 1))))
+
+
+def run_comparison(job: ComparisonJob, progress: Progress = no_progress):
+    """Side by side on the preset's model, already loaded: sample images (classification), prompts (text) or
+    generated images. This is the GPU function: the caller holds RUNNER_LOCK."""
+    preset = job.preset
+    runner = runner_for(preset.name, preset.folder)
+    report = lambda text: progress(0.45, desc=text)  # noqa: E731
+    if preset.kind == "image-classification":
+        return compare_classification(runner, sample_images(preset.folder, preset.samples.images), job.variants,
+                                      report)
+    if preset.kind == "text-generation":
+        return compare_text(runner, job.prompts, job.variants, report)
+    if preset.kind == "image-generation":
+        report("generating images: base, each LoRA, merged")
+        triggers = {preset.resolve(a.source): a.trigger or "" for a in preset.adapters}
+        loras = [LoraEntry(name, source, triggers.get(source, "")) for name, source in zip(job.names, job.sources)]
+        return compare_images(runner.pipe, loras, Path(job.merged), job.prompts, generation_settings(preset),
+                              merged_name="Merged")
     raise CoreMergeError(f"preset {preset.name}: comparison of {preset.kind} is not available yet")
 
 
 def warm_up(preset: Preset) -> None:
-    """Load the preset's model and compute the base's and each adapter's results, so that the first merge
-    only has the merged adapter left to run."""
-    if not preset.bundled:
+    """Load the preset's model (in the main process) and, for bundled presets, compute the base's and each
+    adapter's results, so that the first merge only has the merged adapter left to run."""
+    if not has_comparison(preset):
         return
     with RUNNER_LOCK:
         runner = runner_for(preset.name, preset.folder)
-        if preset.kind == "image-classification":
+        if preset.bundled and preset.kind == "image-classification":
             variants = [Variant("Base"), *(Variant(a.name, preset.resolve(a.source), a.task) for a in preset.adapters)]
             warm_up_classification(runner, sample_images(preset.folder, preset.samples.images), variants)
 
