@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout, without installing coremerge
 
 from coremerge.merging.options import MergeOptions  # noqa: E402
+from measure import load, met, print_floor_comparison, run_floor, run_measured  # noqa: E402
 from coremerge.merging.spaces import TaskFactors, merge_module, to_lora  # noqa: E402
 
 BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
@@ -53,24 +54,8 @@ LLAMA3_8B_MODULES = {
 }
 KEY = "base_model.model.model.layers.{layer}.{module}.lora_{part}.weight"
 BENCH_MODULE = "self_attn.q_proj"  # layer 0's q_proj is merged alone in part 2
-TARGET_SECONDS, TARGET_RSS_GB, TARGET_SPEEDUP = 15.0, 1.5, 100.0
+TARGET_SECONDS, TARGET_RSS_GB, TARGET_RATIO, TARGET_SPEEDUP = 5.0, 1.5, 2.5, 100.0
 CORE_REPEATS = 5
-
-# The CLI is started from this bare-Python launcher, not from this script directly: on Linux a
-# child's ru_maxrss includes the high-water RSS of the process that spawned it (exec records the
-# old memory map's peak), and this script holds torch and the generated tensors. The launcher
-# reports the CLI's own wall time and peak RSS (KiB) as JSON on stdout; the CLI's output goes
-# to stderr.
-LAUNCHER = """
-import json, os, subprocess, sys, time
-start = time.perf_counter()
-child = subprocess.Popen(sys.argv[1:], stdout=sys.stderr)
-_, status, usage = os.wait4(child.pid, 0)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "maxrss_kib": usage.ru_maxrss,
-                  "returncode": os.waitstatus_to_exitcode(status)}))
-"""
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,15 +64,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers per adapter (default 32)")
     parser.add_argument("--keep", action="store_true", help="keep the written adapters and merged output")
     parser.add_argument("--cli-only", action="store_true", help="skip the one-module comparison (minutes)")
+    parser.add_argument("--repeats", type=int, default=3, help="CLI and floor runs; the best counts (default 3)")
     return parser.parse_args()
 
 
 # --- synthetic adapters ---------------------------------------------------------------------------
 
-def lora_config() -> LoraConfig:
+def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(
-        r=RANK,
-        lora_alpha=LORA_ALPHA,
+        r=rank,
+        lora_alpha=2 * rank,
         target_modules=sorted(name.split(".")[-1] for name in LLAMA3_8B_MODULES),
         base_model_name_or_path=BASE_MODEL,
         task_type="CAUSAL_LM",
@@ -96,31 +82,34 @@ def lora_config() -> LoraConfig:
     )
 
 
-def random_factors(out_features: int, in_features: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+def random_factors(out_features: int, in_features: int, rank: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """lora_A (r, in) and lora_B (out, r) in bf16, with magnitudes like a trained adapter's."""
-    a = torch.randn(RANK, in_features, generator=generator) * in_features ** -0.5
-    b = torch.randn(out_features, RANK, generator=generator) * 0.01
+    a = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5
+    b = torch.randn(out_features, rank, generator=generator) * 0.01
     return a.to(torch.bfloat16), b.to(torch.bfloat16)
 
 
-def write_adapter(folder: Path, seed: int, layers: int) -> None:
+def write_adapter(folder: Path, seed: int, layers: int, rank: int) -> None:
     """One peft adapter folder: adapter_config.json and adapter_model.safetensors (bf16)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
         for module, (out_features, in_features) in LLAMA3_8B_MODULES.items():
-            a, b = random_factors(out_features, in_features, generator)
+            a, b = random_factors(out_features, in_features, rank, generator)
             tensors[KEY.format(layer=layer, module=module, part="A")] = a
             tensors[KEY.format(layer=layer, module=module, part="B")] = b
     folder.mkdir(parents=True, exist_ok=True)
-    lora_config().save_pretrained(str(folder))
+    lora_config(rank).save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
-def write_adapters(root: Path, count: int, layers: int) -> list[Path]:
-    folders = [root / f"t{i}" for i in range(count)]
+def write_adapters(root: Path, count: int, layers: int, rank: int = RANK) -> list[Path]:
+    """`count` adapters under root/r{rank}-l{layers}; adapters already there (seeded, so equal) are reused."""
+    folders = [root / f"r{rank}-l{layers}" / f"t{i}" for i in range(count)]
     for seed, folder in enumerate(folders):
-        write_adapter(folder, seed, layers)
+        if not weights_file(folder).is_file():
+            write_adapter(folder, seed, layers, rank)
     return folders
 
 
@@ -128,38 +117,32 @@ def weights_file(folder: Path) -> Path:
     return folder / "adapter_model.safetensors"
 
 
-# --- part 1: the CLI end to end -------------------------------------------------------------------
+# --- part 1: the CLI end to end, beside the floor ------------------------------------------------
 
-def run_cli(adapters: list[Path], output: Path) -> dict:
-    """Run `python -m coremerge merge ... --method tsv --space core` once; return its figures."""
-    command = [sys.executable, "-m", "coremerge", "merge", *map(str, adapters),
-               "--method", "tsv", "--space", "core", "--output", str(output)]
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True,
-                          cwd=REPO)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise SystemExit(f"launcher failed ({done.returncode}):\n{done.stderr}")
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    figures["cli_output"] = done.stderr.strip()
-    if figures["returncode"] != 0:
-        raise SystemExit(f"the CLI failed ({figures['returncode']}):\n{figures['cli_output']}")
-    return figures
+def cli_command(adapters: list[Path], output: Path, space: str = "core") -> list[str]:
+    return [sys.executable, "-m", "coremerge", "merge", *map(str, adapters),
+            "--method", "tsv", "--space", space, "--output", str(output)]
 
 
-def met(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
-def report_cli(adapters: list[Path], output: Path, figures: dict) -> None:
-    seconds = figures["seconds"]
-    rss_gb = figures["maxrss_kib"] * 1024 / 1e9
-    bytes_in = sum(weights_file(folder).stat().st_size for folder in adapters)
-    bytes_out = weights_file(output).stat().st_size
-    breakdown = json.loads((output / "merge_report.json").read_text())["seconds"]
-    print(f"cli: {figures['cli_output'].splitlines()[-1]}")
-    print(f"cli wall time: {seconds:.2f} s (target <= {TARGET_SECONDS:g} s: {met(seconds <= TARGET_SECONDS)})")
-    print(f"cli peak RSS: {rss_gb:.2f} GB (target <= {TARGET_RSS_GB:g} GB: {met(rss_gb <= TARGET_RSS_GB)})")
+def report_cli(adapters: list[Path], output: Path, repeats: int) -> None:
+    """The CLI `repeats` times, each after a floor run on the same bytes; the best of each side."""
+    inputs = [weights_file(folder) for folder in adapters]
+    runs, floors = [], []
+    for _ in range(repeats):
+        shutil.rmtree(output, ignore_errors=True)
+        runs.append(run_measured(cli_command(adapters, output), REPO))
+        best_so_far = min(runs, key=lambda run: run["seconds"]) is runs[-1]
+        if best_so_far:
+            breakdown = json.loads((output / "merge_report.json").read_text())["seconds"]
+        bytes_out = weights_file(output).stat().st_size
+        floors.append(run_floor(inputs, bytes_out, output.parent / "floor.safetensors", REPO))
+    bytes_in = sum(path.stat().st_size for path in inputs)
+    print(f"cli: {runs[-1]['output'].splitlines()[-1]}")
     print(f"cli bytes: in {bytes_in / 1e6:.1f} MB ({len(adapters)} files), out {bytes_out / 1e6:.1f} MB")
-    print("merge_report seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
+    print_floor_comparison("cli", runs, floors, breakdown, TARGET_SECONDS, TARGET_RATIO)
+    rss = min(runs, key=lambda run: run["seconds"])["rss_gb"]
+    print(f"cli peak RSS target <= {TARGET_RSS_GB:g} GB: {met(rss <= TARGET_RSS_GB)}; "
+          f"highest of the runs {max(run['rss_gb'] for run in runs):.2f} GB")
 
 
 # --- part 2: one 4096 x 4096 module three ways ----------------------------------------------------
@@ -237,12 +220,12 @@ def main() -> None:
     shutil.rmtree(output, ignore_errors=True)  # a merged folder left by an earlier --keep run
     print(f"coremerge merge benchmark: {args.adapters} adapters x {args.layers} layers x {len(LLAMA3_8B_MODULES)} "
           f"modules (Llama-3-8B shapes, rank {RANK}, bf16), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {load()}")
     try:
         clock = time.perf_counter()
         adapters = write_adapters(adapters_root, args.adapters, args.layers)
         print(f"wrote {len(adapters)} adapters to {adapters_root} in {time.perf_counter() - clock:.1f} s")
-        report_cli(adapters, output, run_cli(adapters, output))
+        report_cli(adapters, output, args.repeats)
         if not args.cli_only:
             report_module(read_module_factors(adapters, 0, BENCH_MODULE))
     finally:

@@ -20,6 +20,18 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
 
 
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `left @ right^T` ((p, r) and (q, r), r small) without forming the p x q product.
+
+    With `left = Q_l R_l` and `right = Q_r R_r` (reduced QR), `left @ right^T = Q_l (R_l R_r^T) Q_r^T`,
+    so the SVD `R_l R_r^T = P diag(S) Z^T` gives `U = Q_l P` and `Vh = Z^T Q_r^T`.
+    """
+    q_l, r_l = torch.linalg.qr(left.to(torch.float64))
+    q_r, r_r = torch.linalg.qr(right.to(torch.float64))
+    p, s, zh = svd(r_l @ r_r.T)
+    return q_l @ p, s, zh @ q_r.T
+
+
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """Closest matrix with orthonormal columns: `P @ Q^T` from `P diag Q^T = svd(matrix)`.
 

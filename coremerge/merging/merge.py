@@ -4,7 +4,7 @@ import time
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -30,6 +30,22 @@ class Timings:
 def module_generator(seed: int, name: str) -> torch.Generator:
     """The seeded randomness of one module (dare): the same seed and module give the same mask."""
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for the block.
+
+    The modules are merged `workers` at a time; each op on their small matrices is too short to share
+    among threads, and threads that wait for each other (on a loaded machine, for a core) cost more
+    than the op: reading the factors took ten times longer with two threads than with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def module_names(adapters: Sequence[Adapter]) -> list[str]:
@@ -68,9 +84,11 @@ def merge_adapters(
         template = adapters[users[0]].modules[name]
         return MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
 
+    workers = max(1, min(workers, len(names)))
+
     def in_order() -> Iterator[MergedModule]:
         pending: deque = deque()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(names), MODULES_PER_READ):
                 with ExitStack() as stack:
                     readers = [stack.enter_context(adapter.open()) for adapter in adapters]
