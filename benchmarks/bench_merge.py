@@ -41,7 +41,7 @@ from coremerge.merging.spaces import TaskFactors, merge_module, to_lora  # noqa:
 
 BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
 RANK, LORA_ALPHA = 16, 32
-SCALING = LORA_ALPHA / RANK
+SCALING = LORA_ALPHA / RANK  # alpha = 2 r in every adapter written here
 # Llama-3-8B linear layers: module path in a decoder layer -> (out_features, in_features)
 LLAMA3_8B_MODULES = {
     "self_attn.q_proj": (4096, 4096),
@@ -65,6 +65,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the written adapters and merged output")
     parser.add_argument("--cli-only", action="store_true", help="skip the one-module comparison (minutes)")
     parser.add_argument("--repeats", type=int, default=3, help="CLI and floor runs; the best counts (default 3)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead: how time and memory grow with the adapters and ranks, and the crossover")
+    parser.add_argument("--scaling-layers", type=int, default=2, help="decoder layers in --scaling (default 2)")
+    parser.add_argument("--crossover-adapters", type=int, default=2,
+                        help="adapters in the one-module crossover (default 2, the case most favourable to full space)")
+    parser.add_argument("--crossover-size", type=int, default=4096,
+                        help="m = n of the crossover module (default 4096; full space then takes minutes per point)")
+    parser.add_argument("--plot", type=Path, help="with --scaling: write the plot (PNG) there")
     return parser.parse_args()
 
 
@@ -160,7 +168,7 @@ def read_module_factors(adapters: list[Path], layer: int, module: str) -> list[t
 
 def coremerge_seconds(factors: list, space: str) -> float:
     """One coremerge module merge (merge_module + to_lora), TSV in the given space."""
-    tasks = [TaskFactors(a=a, b=SCALING * b, weight=1.0) for a, b in factors]
+    tasks = [TaskFactors(a=a.double(), b=SCALING * b.double(), weight=1.0) for a, b in factors]
     options = MergeOptions.create(method="tsv", space=space)
     clock = time.perf_counter()
     to_lora(merge_module(tasks, options, torch.Generator().manual_seed(0)), options.rank)
@@ -211,6 +219,99 @@ def report_module(factors: list) -> None:
           f"{met(slowest_speedup >= TARGET_SPEEDUP)} (smallest speed-up {slowest_speedup:.0f}x)")
 
 
+# --- part 3: how the cost grows (--scaling) ---------------------------------------------------------
+
+SCALING_RUNS = [(2, 16), (8, 16), (32, 16), (8, 8), (8, 64), (8, 128)]  # (adapters, rank)
+
+
+def growth_terms(rank_sum: int, layers: int) -> tuple[float, float]:
+    """The two terms of core space's work over the merged modules: sum (m + n) R^2 and R^3 per module."""
+    rows = sum(m + n for m, n in LLAMA3_8B_MODULES.values()) * layers
+    return rows * rank_sum ** 2, len(LLAMA3_8B_MODULES) * layers * rank_sum ** 3
+
+
+def report_scaling(adapters_root: Path, workdir: Path, layers: int) -> list[dict]:
+    """The CLI on each (adapters, rank) of SCALING_RUNS, one run each, against the 8 x 16 run."""
+    rows = []
+    for count, rank in SCALING_RUNS:
+        adapters = write_adapters(adapters_root, count, layers, rank)
+        output = workdir / f"merged-{count}x{rank}"
+        run = run_measured(cli_command(adapters, output), REPO)
+        merge_seconds = json.loads((output / "merge_report.json").read_text())["seconds"]["total"]
+        rows.append({"adapters": count, "rank": rank, "R": count * rank, "wall": run["seconds"],
+                     "cpu": run["cpu_seconds"], "merge": merge_seconds, "rss_gb": run["rss_gb"], "load": run["load"],
+                     "mb_in": sum(weights_file(f).stat().st_size for f in adapters) / 1e6})
+        shutil.rmtree(output)
+    base = next(r for r in rows if (r["adapters"], r["rank"]) == (8, 16))
+    base_nr2, base_r3 = growth_terms(base["R"], layers)
+    print(f"scaling: Llama-3-8B shapes, {layers} layer(s) x {len(LLAMA3_8B_MODULES)} modules, TSV in core space, "
+          "one CLI run each; growth relative to 8 x 16 (expected: n R^2 and R^3 terms; measured: in-process time)")
+    print(f"  {'adapters x rank':>15} {'R':>5} {'in MB':>7} {'wall s':>7} {'CPU s':>7} {'merge s':>8} {'peak GB':>8} "
+          f"{'exp nR^2':>9} {'exp R^3':>9} {'measured':>9}  load")
+    for r in rows:
+        nr2, r3 = growth_terms(r["R"], layers)
+        print(f"  {r['adapters']:>7} x {r['rank']:<5} {r['R']:>5} {r['mb_in']:>7.0f} {r['wall']:>7.2f} {r['cpu']:>7.2f} "
+              f"{r['merge']:>8.2f} {r['rss_gb']:>8.2f} {nr2 / base_nr2:>8.2f}x {r3 / base_r3:>8.2f}x "
+              f"{r['merge'] / base['merge']:>8.2f}x  {r['load']}")
+    return rows
+
+
+def random_module_factors(count: int, rank: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(count * 10_000 + rank)
+    return [tuple(t.float() for t in random_factors(size, size, rank, generator)) for _ in range(count)]
+
+
+def report_crossover(count: int, size: int) -> list[dict]:
+    """One size x size module, `count` adapters of growing rank (R = 128 ... size), core and full space,
+    on one thread (as each of the CLI's merge workers) so that the load of other processes matters less."""
+    rows = []
+    torch.set_num_threads(1)
+    coremerge_seconds(random_module_factors(count, 4, size), "core")  # warm-up: first calls load LAPACK paths
+    print(f"crossover: one {size} x {size} module, {count} adapters, TSV, one run each on one thread, seconds "
+          "(merge_module + to_lora)")
+    print(f"  {'rank':>6} {'R':>6} {'core s':>9} {'full s':>9}  load")
+    rank = 128 // count
+    while count * rank <= size:
+        factors = random_module_factors(count, rank, size)
+        row = {"rank": rank, "R": count * rank, "core": coremerge_seconds(factors, "core"),
+               "full": coremerge_seconds(factors, "full")}
+        rows.append(row)
+        print(f"  {rank:>6} {row['R']:>6} {row['core']:>9.2f} {row['full']:>9.2f}  {load()}")
+        rank *= 2
+    slower = [r["R"] for r in rows if r["core"] >= r["full"]]
+    if slower:
+        print(f"core space is no longer faster than full space from R = {slower[0]}")
+    else:
+        print(f"no crossover: core space is faster than full space at every R up to {rows[-1]['R']} = the module's size")
+    return rows
+
+
+def plot_scaling(scaling: list[dict], crossover: list[dict], layers: int, count: int, size: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    base = next(r for r in scaling if (r["adapters"], r["rank"]) == (8, 16))
+    for label, keep, marker in (("rank 16, 2 / 8 / 32 adapters", lambda r: r["rank"] == 16, "o"),
+                                ("8 adapters, rank 8 / 16 / 64 / 128", lambda r: r["adapters"] == 8, "s")):
+        points = sorted((r["R"], r["merge"]) for r in scaling if keep(r))
+        left.plot(*zip(*points), marker=marker, label=label)
+    grid = sorted({r["R"] for r in scaling})
+    left.plot(grid, [base["merge"] * (g / base["R"]) ** 2 for g in grid], "k:", label="n R^2 from 8 x 16")
+    left.set(xscale="log", yscale="log", xlabel="R (sum of the ranks)", ylabel="seconds (in-process)",
+             title=f"CLI, {layers} Llama-3-8B layer(s)")
+    left.legend(fontsize=7)
+    right.plot([r["R"] for r in crossover], [r["core"] for r in crossover], "o-", label="core space")
+    right.plot([r["R"] for r in crossover], [r["full"] for r in crossover], "s--", label="full space")
+    right.set(xscale="log", yscale="log", xlabel="R (sum of the ranks)", ylabel="seconds",
+              title=f"one {size} x {size} module, {count} adapters")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"plot: {path}")
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -222,6 +323,13 @@ def main() -> None:
           f"modules (Llama-3-8B shapes, rank {RANK}, bf16), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {load()}")
     try:
+        if args.scaling:
+            scaling = report_scaling(adapters_root, workdir, args.scaling_layers)
+            crossover = report_crossover(args.crossover_adapters, args.crossover_size)
+            if args.plot:
+                plot_scaling(scaling, crossover, args.scaling_layers, args.crossover_adapters, args.crossover_size,
+                             args.plot)
+            return
         clock = time.perf_counter()
         adapters = write_adapters(adapters_root, args.adapters, args.layers)
         print(f"wrote {len(adapters)} adapters to {adapters_root} in {time.perf_counter() - clock:.1f} s")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..formats.adapter import Adapter, MergedModule
 from .options import MergeOptions
@@ -34,7 +35,7 @@ def module_generator(seed: int, name: str) -> torch.Generator:
 
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to `count` for the block.
+    """torch's intra-op threads, and numpy's BLAS threads (`linalg.gram`), set to `count` for the block.
 
     The modules are merged `workers` at a time; each op on their small matrices is too short to share
     among threads, and threads that wait for each other (on a loaded machine, for a core) cost more
@@ -43,7 +44,8 @@ def torch_threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
-        yield
+        with threadpool_limits(limits=count, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
