@@ -49,6 +49,8 @@ def gram(stack: torch.Tensor) -> torch.Tensor:
     numpy recognises the product of an array with its own transpose and calls BLAS syrk, which
     computes one triangle: half the work of torch's general product (the largest cost of a merge).
     """
+    if stack.device.type != "cpu" or stack.requires_grad:
+        return stack.T @ stack
     array = stack.numpy()
     return torch.from_numpy(array.T @ array)
 
