@@ -5,19 +5,20 @@ meta device from their published configs, so no weights are needed), targeting w
 targets by default: every Linear of the UNet's transformer blocks (attention, feed-forward, proj_in /
 proj_out) and the text encoders' attention and MLP layers. Two kohya files (float16, ranks 32 and 16,
 alpha 16 and 8) and one diffusers file (float16, rank 8, its LoraConfig in the header) are written, then
-merged with TSV in core space; the line printed is the CLI's own summary plus wall time and sizes.
+merged with TSV in core space, `--repeats` times (best counts), each beside the floor for the same bytes
+(`measure.py`: start Python, import torch, read the inputs, write a file of the output's size). Printed: the
+CLI's own summary, wall and CPU time with the load average, the breakdown, the floor and the ratio, peak RSS.
+Targets: <= 5 s wall and <= 2.5x the floor.
 
 Usage:
-    python benchmarks/bench_diffusion.py [--workdir DIR] [--method tsv] [--keep]
+    python benchmarks/bench_diffusion.py [--workdir DIR] [--method tsv] [--repeats 3] [--keep]
 """
 
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,10 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from measure import load, print_floor_comparison, run_floor, run_measured
+
 REPO = Path(__file__).resolve().parent.parent
+TARGET_SECONDS, TARGET_RATIO = 5.0, 2.5
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -93,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--method", default="tsv")
+    parser.add_argument("--repeats", type=int, default=3, help="CLI and floor runs; the best counts (default 3)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coremerge-bench-diffusion-"))
@@ -104,16 +109,21 @@ def main() -> None:
         write_kohya(files[1], shapes, rank=16, alpha=8, seed=2)
         write_diffusers(files[2], shapes, rank=8, seed=3)
         out = workdir / "merged"
-        started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "coremerge", "merge", *map(str, files), "--method", args.method,
-                                 "--output", str(out)], cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        if result.returncode != 0:
-            sys.exit(result.stderr)
+        command = [sys.executable, "-m", "coremerge", "merge", *map(str, files), "--method", args.method,
+                   "--output", str(out)]
+        runs, floors = [], []
+        for _ in range(args.repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(run_measured(command, REPO))
+            if min(runs, key=lambda run: run["seconds"]) is runs[-1]:
+                breakdown = json.loads((out / "merge_report.json").read_text())["seconds"]
+            written = next(out.glob("*.safetensors"))
+            floors.append(run_floor(files, written.stat().st_size, workdir / "floor.safetensors", REPO))
         sizes = " + ".join(f"{f.stat().st_size / 1e6:.0f}" for f in files)
-        print(f"sdxl: {len(shapes)} modules per adapter, inputs {sizes} MB")
-        print(f"cli: {result.stdout.strip()}")
-        print(f"cli wall time: {wall:.2f} s (python start and imports included)")
+        print(f"sdxl: {len(shapes)} modules per adapter, inputs {sizes} MB, output {written.stat().st_size / 1e6:.0f} MB"
+              f" ({load()})")
+        print(f"cli: {min(runs, key=lambda run: run['seconds'])['output'].splitlines()[-1]}")
+        print_floor_comparison("cli", runs, floors, breakdown, TARGET_SECONDS, TARGET_RATIO)
     finally:
         if not args.keep:
             shutil.rmtree(workdir)

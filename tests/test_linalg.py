@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from coremerge.merging.linalg import GRAM_MAX_CONDITION, left_singular_basis, numerical_rank, polar_factor
+from coremerge.merging.linalg import (GRAM_MAX_CONDITION, factored_svd, gram, left_singular_basis, numerical_rank,
+                                     polar_factor)
 
 
 def stack_with_condition(condition: float, m: int = 300, r: int = 24) -> torch.Tensor:
@@ -44,3 +45,20 @@ def test_polar_factor_ignores_null_directions():
     duplicated = torch.cat([u, -u], dim=1)  # rank 3: [U, -U] = U [I, -I]
     expected = u @ torch.cat([torch.eye(3), -torch.eye(3)], dim=1).double() / 2 ** 0.5
     torch.testing.assert_close(polar_factor(duplicated), expected)
+
+
+def test_gram_of_a_stack_and_of_a_transposed_view():
+    stack = torch.randn(40, 7, dtype=torch.float64)
+    torch.testing.assert_close(gram(stack), stack.T @ stack, atol=1e-12, rtol=0)
+    wide = torch.randn(7, 40, dtype=torch.float64)
+    torch.testing.assert_close(gram(wide.T), wide @ wide.T, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shapes", [(30, 20, 4), (30, 20, 25)])  # r small, and r above a side (QR is then wide)
+def test_factored_svd_is_the_svd_of_the_product(shapes):
+    p, q, r = shapes
+    left, right = torch.randn(p, r, dtype=torch.float64), torch.randn(q, r, dtype=torch.float64)
+    u, s, vh = factored_svd(left, right)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, left @ right.T)
+    torch.testing.assert_close(s[:min(p, q, r)], torch.linalg.svdvals(left @ right.T)[:min(p, q, r)])
+    torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64))

@@ -89,6 +89,17 @@ def test_tsv_matches_independent_reference_with_unequal_ranks():
     torch.testing.assert_close(tsv(items, ranks), torch.from_numpy(expected))
 
 
+def test_tsv_from_factors_matches_the_same_reference():
+    """Core space hands TSV each item's factors X_t = L_t R_t^T: the per-task SVDs come from them, same result."""
+    g = torch.Generator().manual_seed(1)
+    ranks = [2, 5, 3]
+    factors = [(torch.randn(30, r, generator=g, dtype=torch.float64), torch.randn(20, r, generator=g, dtype=torch.float64))
+               for r in ranks]
+    items = [left @ right.T for left, right in factors]
+    expected = torch.from_numpy(reference_tsv([x.numpy() for x in items], ranks))
+    torch.testing.assert_close(tsv(items, ranks, factors), expected)
+
+
 def test_iso_c_flattens_the_spectrum():
     g = torch.Generator().manual_seed(0)
     items = [torch.randn(12, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 9, generator=g, dtype=torch.float64)

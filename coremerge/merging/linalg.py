@@ -20,6 +20,18 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
 
 
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `left @ right^T` ((p, r) and (q, r), r small) without forming the p x q product.
+
+    With `left = Q_l R_l` and `right = Q_r R_r` (reduced QR), `left @ right^T = Q_l (R_l R_r^T) Q_r^T`,
+    so the SVD `R_l R_r^T = P diag(S) Z^T` gives `U = Q_l P` and `Vh = Z^T Q_r^T`.
+    """
+    q_l, r_l = torch.linalg.qr(left.to(torch.float64))
+    q_r, r_r = torch.linalg.qr(right.to(torch.float64))
+    p, s, zh = svd(r_l @ r_r.T)
+    return q_l @ p, s, zh @ q_r.T
+
+
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """Closest matrix with orthonormal columns: `P @ Q^T` from `P diag Q^T = svd(matrix)`.
 
@@ -29,6 +41,18 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     p, s, qh = svd(matrix)
     k = numerical_rank(s, tuple(matrix.shape))
     return p[:, :k] @ qh[:k]
+
+
+def gram(stack: torch.Tensor) -> torch.Tensor:
+    """`stack^T @ stack` (R x R) of a float64 stack.
+
+    numpy recognises the product of an array with its own transpose and calls BLAS syrk, which
+    computes one triangle: half the work of torch's general product (the largest cost of a merge).
+    """
+    if stack.device.type != "cpu" or stack.requires_grad:
+        return stack.T @ stack
+    array = stack.numpy()
+    return torch.from_numpy(array.T @ array)
 
 
 GRAM_MAX_CONDITION = 1e4  # beyond it the Gram route loses accuracy (error ~ condition^2 * eps)
@@ -68,7 +92,7 @@ def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     stack = stack.to(torch.float64)
     m, r = stack.shape
     if r <= m:
-        eigenvalues, w = torch.linalg.eigh(stack.T @ stack)  # ascending
+        eigenvalues, w = torch.linalg.eigh(gram(stack))  # ascending
         s, w = eigenvalues.flip(0).clamp(min=0).sqrt(), w.flip(1)
         if s[-1] * GRAM_MAX_CONDITION > s[0]:
             return Basis(stack, w / s), s[:, None] * w.T

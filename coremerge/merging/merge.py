@@ -1,21 +1,23 @@
 """Merge loaded adapters module by module, reading each module's factors only when it is merged."""
 
+import math
 import time
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from ..errors import CoreMergeError
 from ..formats.adapter import Adapter, MergedModule
 from .options import MergeOptions
 from .spaces import check_finite_scale, merge_module, to_lora
 
-MODULES_PER_READ = 16  # files are reopened per chunk so that their memory maps do not pile up
+BYTES_PER_READ = 64 * 2**20  # files are reopened after this much so that their memory maps do not pile up
 WORKERS = 2  # modules merged at once (torch releases the GIL)
 
 
@@ -46,8 +48,49 @@ def check_device(device: str) -> str:
     return device
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads, and numpy's BLAS threads (`linalg.gram`), set to `count` for the block.
+
+    The modules are merged `workers` at a time; each op on their small matrices is too short to share
+    among threads, and threads that wait for each other (on a loaded machine, for a core) cost more
+    than the op: reading the factors took ten times longer with two threads than with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(limits=count, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def module_names(adapters: Sequence[Adapter]) -> list[str]:
     return sorted({name for adapter in adapters for name in adapter.modules})
+
+
+def read_chunks(adapters: Sequence[Adapter], names: Sequence[str],
+                limit: Optional[int] = None) -> Iterator[list[str]]:
+    """The module names in runs that read at most `limit` (BYTES_PER_READ) bytes of factors, one module at least.
+
+    Each run is read with the files opened once: opening parses the whole safetensors header, which for
+    files of a thousand small modules cost more than reading them.
+    """
+    limit = BYTES_PER_READ if limit is None else limit
+    chunk: list[str] = []
+    size = 0
+    for name in names:
+        spec_bytes = sum(
+            (math.prod(spec.a_shape) + math.prod(spec.b_shape)) * adapter.dtype.itemsize
+            for adapter in adapters if (spec := adapter.modules.get(name)) is not None
+        )
+        if chunk and size + spec_bytes > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(name)
+        size += spec_bytes
+    if chunk:
+        yield chunk
 
 
 def merge_adapters(
@@ -74,7 +117,7 @@ def merge_adapters(
     timings = timings or Timings()
     names = module_names(adapters)
     seed = int(options.params.get("seed", 0))
-    started, consumer = time.perf_counter(), 0.0
+    started, consumer, loaded_before = time.perf_counter(), 0.0, timings.loading
 
     def merge_one(name: str, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
         check_finite_scale(name, tasks, options.alpha)
@@ -91,13 +134,15 @@ def merge_adapters(
         template = adapters[users[0]].modules[name]
         return MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
 
+    workers = max(1, min(workers, len(names)))
+
     def in_order() -> Iterator[MergedModule]:
         pending: deque = deque()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(0, len(names), MODULES_PER_READ):
+        with torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
+            for chunk in read_chunks(adapters, names):
                 with ExitStack() as stack:
                     readers = [stack.enter_context(adapter.open()) for adapter in adapters]
-                    for name in names[start:start + MODULES_PER_READ]:
+                    for name in chunk:
                         clock = time.perf_counter()
                         users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
                         tasks = [adapters[i].read_factors(readers[i], name, weights[i]) for i in users]
@@ -114,4 +159,4 @@ def merge_adapters(
         if progress is not None:
             progress(done, len(names))
         consumer += time.perf_counter() - clock
-    timings.merging += time.perf_counter() - started - timings.loading - consumer
+    timings.merging += time.perf_counter() - started - (timings.loading - loaded_before) - consumer

@@ -2,20 +2,23 @@
 
 Every method takes same-shaped float64 matrices X_1..X_T (already multiplied by the user weights)
 and returns one matrix of that shape (SPEC section 4). A method that needs the adapters' ranks or
-randomness declares a `ranks` or `generator` keyword; the caller passes them only then.
+randomness declares a `ranks` or `generator` keyword; the caller passes them only then. A method
+may also declare `factors`: per task `(L_t, R_t)` with `X_t = L_t @ R_t^T` when the space knows them
+(core space), else None; it must give the same result either way, only faster with them.
 """
 
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..errors import CoreMergeError
-from .linalg import isotropic_flatten, low_rank_approximation, numerical_rank, polar_factor, svd
+from .linalg import factored_svd, isotropic_flatten, low_rank_approximation, numerical_rank, polar_factor, svd
 
 Matrices = Sequence[torch.Tensor]
+Factors = Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 
 # ---------------------------------------------------------------- shared parts (STYLE 3)
@@ -59,9 +62,13 @@ def dare_drop_and_rescale(matrix: torch.Tensor, density: float, generator: torch
     return torch.where(keep, matrix, 0.0) / density
 
 
-def truncated_triplets(matrix: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top `min(limit, numerical rank)` singular triplets of `matrix`: (U_k, S_k, Vh_k)."""
-    u, s, vh = svd(matrix)
+def truncated_triplets(matrix: torch.Tensor, limit: int,
+                       factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
+    """Top `min(limit, numerical rank)` singular triplets of `matrix`: (U_k, S_k, Vh_k).
+
+    With `factors` (L, R), `matrix = L @ R^T`, the SVD comes from them (cost (p + q) r^2, not p q min(p, q)).
+    """
+    u, s, vh = svd(matrix) if factors is None else factored_svd(*factors)
     k = min(limit, numerical_rank(s, tuple(matrix.shape)))
     return u[:, :k], s[:k], vh[:k]
 
@@ -135,19 +142,21 @@ def dare_ties(items: Matrices, density: float, generator: torch.Generator) -> to
     return disjoint_mean(dropped, sign)
 
 
-def tsv(items: Matrices, ranks: Sequence[int]) -> torch.Tensor:
+def tsv(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> torch.Tensor:
     """Task Singular Vectors (TSV-Merge): each task's top singular triplets, decorrelated.
 
     Args:
         items: T same-shaped matrices.
         ranks: the adapters' LoRA ranks r_t, which set each task's share of the D directions.
+        factors: optional low-rank factors of the items, for cheaper per-task SVDs.
     Returns:
         `U_perp diag(S) V_perp^T` of the concatenated truncated triplets.
     """
     d = min(items[0].shape)
     total_rank = sum(ranks)
     # Per task: keep the top k_t = min(numerical rank, floor(D * r_t / R)) triplets
-    triplets = [truncated_triplets(x, math.floor(d * r / total_rank)) for x, r in zip(items, ranks)]
+    triplets = [truncated_triplets(x, math.floor(d * r / total_rank), f)
+                for x, r, f in zip(items, ranks, factors or [None] * len(items))]
     us, ss, vhs = zip(*triplets)
     if sum(s.numel() for s in ss) == 0:
         return torch.zeros_like(items[0])
@@ -261,8 +270,9 @@ class Method:
     def wants(self, keyword: str) -> bool:
         return keyword in inspect.signature(self.function).parameters
 
-    def __call__(self, items: Matrices, params: dict, ranks: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        available = {**params, "ranks": ranks, "generator": generator}
+    def __call__(self, items: Matrices, params: dict, ranks: Sequence[int], generator: torch.Generator,
+                 factors: Factors = None) -> torch.Tensor:
+        available = {**params, "ranks": ranks, "generator": generator, "factors": factors}
         return self.function(items, **{k: v for k, v in available.items() if self.wants(k)})
 
 

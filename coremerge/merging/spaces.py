@@ -38,11 +38,13 @@ class FactoredUpdate:
 
 
 def _apply_method(items: Sequence[torch.Tensor], tasks: Sequence[TaskFactors], options: MergeOptions,
-                  generator: torch.Generator) -> torch.Tensor:
-    """`alpha * method({w_t * X_t})`."""
+                  generator: torch.Generator, factors: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    """`alpha * method({w_t * X_t})`; `factors` (L_t, R_t) with X_t = L_t R_t^T, if known, speed some methods up."""
     weighted = [task.weight * item for task, item in zip(tasks, items)]
+    if factors is not None:
+        factors = [(task.weight * left, right) for task, (left, right) in zip(tasks, factors)]
     method = get_method(options.method)
-    return options.alpha * method(weighted, dict(options.params), [t.rank for t in tasks], generator)
+    return options.alpha * method(weighted, dict(options.params), [t.rank for t in tasks], generator, factors)
 
 
 def _maybe_isotropize(update: torch.Tensor, options: MergeOptions) -> torch.Tensor:
@@ -58,8 +60,9 @@ def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, genera
     v_ref, a_coords = left_singular_basis(a_stack.T)  # a_coords = V_ref^T A_stack^T: (R_A, R)
     # Core matrices M_t = (U_ref^T B~_t)(A~_t V_ref), never an m x n product
     bounds = torch.tensor([0] + [t.rank for t in tasks]).cumsum(0).tolist()
-    cores = [b_coords[:, lo:hi] @ a_coords[:, lo:hi].T for lo, hi in zip(bounds, bounds[1:])]  # (R_B, R_A)
-    merged = _maybe_isotropize(_apply_method(cores, tasks, options, generator), options)
+    factors = [(b_coords[:, lo:hi], a_coords[:, lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    cores = [left @ right.T for left, right in factors]  # (R_B, R_A)
+    merged = _maybe_isotropize(_apply_method(cores, tasks, options, generator, factors), options)
     return FactoredUpdate(merged, left=u_ref, right=v_ref)
 
 
