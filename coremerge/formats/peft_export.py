@@ -53,7 +53,7 @@ def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter)
     defaults), so that the CLI need not import peft, which takes seconds.
     """
     common = Counter(ranks.values()).most_common(1)[0][0]
-    differing = {name: k for name, k in ranks.items() if k != common}
+    differing = {_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
     return {
         "peft_type": "LORA",
         "task_type": like.config.get("task_type"),
@@ -71,6 +71,12 @@ def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter)
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def _pattern_key(name: str, names) -> str:
+    """A rank / alpha pattern key that matches only this module: peft matches a key as a dotted suffix, so a
+    module whose name ends another's (Flux's `proj_out` and `single_transformer_blocks.0.proj_out`) gets `^`."""
+    return f"^{name}" if any(other.endswith(f".{name}") for other in names) else name
 
 
 def check_output_folder(output: Path) -> None:
