@@ -266,6 +266,28 @@ def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
         torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-6)
 
 
+COMFYUI = {  # ComfyUI's names of a few kohya modules (diffusion_model. / text_encoders.clip_l.transformer.)
+    "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv",
+    "lora_unet_single_blocks_0_linear2": "diffusion_model.single_blocks.0.linear2",
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1": "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+}
+
+
+def test_comfyui_layout_loads_as_the_same_kohya_modules(loras, tmp_path):
+    kohya = load_file(loras["files"]["kohya"])
+    comfy = {COMFYUI[key.split(".")[0]] + key[len(key.split(".")[0]):]: value for key, value in kohya.items()
+             if key.split(".")[0] in COMFYUI}
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    adapter = load_adapter(str(tmp_path / "comfy.safetensors"))
+    assert (adapter.format, adapter.family) == ("comfyui", FLUX)
+    ours, reference = canonical_updates(tmp_path / "comfy.safetensors"), loras["deltas"]["kohya"]
+    assert sorted(ours) == sorted([
+        "text_encoder.encoder.layers.0.mlp.fc1", "transformer.single_transformer_blocks.0.proj_out",
+        *(f"transformer.transformer_blocks.0.attn.to_{p}" for p in "qkv")])
+    for name, update in ours.items():
+        torch.testing.assert_close(update, reference[name], rtol=1e-5, atol=1e-7)
+
+
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"
 
 
