@@ -269,7 +269,8 @@ def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
 COMFYUI = {  # ComfyUI's names of a few kohya modules (diffusion_model. / text_encoders.clip_l.transformer.)
     "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv",
     "lora_unet_single_blocks_0_linear2": "diffusion_model.single_blocks.0.linear2",
-    "lora_te1_text_model_encoder_layers_0_mlp_fc1": "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1":
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
 }
 
 
