@@ -89,17 +89,14 @@ def trace_conversion(source: str, shapes: Mapping[str, tuple[int, ...]],
                 f"{source}: diffusers' conversion of {key} into {out_key} is not a selection of its rows "
                 "or columns; coremerge cannot map it exactly"
             )
-        ranges = _runs(local.tolist())
+        ranges = _runs(local)
         origins[out_key] = Origin(key, ranges, ranges == ((0, width),))
     return origins
 
 
-def _runs(indices: list[int]) -> Ranges:
+def _runs(indices: torch.Tensor) -> Ranges:
     """[3, 4, 5, 0, 1] -> ((3, 6), (0, 2)): consecutive runs as [start, stop) ranges, in order."""
-    runs: list[tuple[int, int]] = []
-    for index in indices:
-        if runs and runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-    return tuple(runs)
+    breaks = torch.nonzero(indices[1:] != indices[:-1] + 1).reshape(-1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), breaks])
+    stops = torch.cat([breaks, torch.tensor([indices.numel()])])
+    return tuple((int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts.tolist(), stops.tolist()))
