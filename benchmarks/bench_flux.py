@@ -38,8 +38,9 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev, transformer/config.json
 KOHYA_DOUBLE = {
     "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
     "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
 }
 KOHYA_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",),
                 "modulation_lin": ("norm.linear",)}
@@ -73,7 +74,8 @@ def factors(shapes, rank: int, seed: int, down: str, up: str) -> dict[str, torch
 def write_kohya(path: Path, shapes, rank: int, alpha: float, seed: int) -> None:
     tensors = factors(shapes, rank, seed, "lora_down.weight", "lora_up.weight")
     tensors.update({f"{name}.alpha": torch.tensor(alpha, dtype=torch.bfloat16) for name in shapes})
-    save_file(tensors, str(path), metadata={"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"})
+    metadata = {"ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux"}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def write_diffusers(path: Path, shapes, rank: int, seed: int) -> None:
