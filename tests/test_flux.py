@@ -266,6 +266,31 @@ def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
         torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-6)
 
 
+def test_alphas_in_a_diffusers_file_scale_as_diffusers_loads_them(tokenizer, tmp_path):
+    """A `transformer.*` file with `.alpha` keys on some modules (as TheLastBen's Flux LoRAs have them):
+    modules with an alpha get alpha / r, the others the component's most common alpha / r, as diffusers'
+    LoraConfig gives them; checked against `load_lora_weights` of the file."""
+    pipe, generator = tiny_flux(tokenizer), torch.Generator().manual_seed(7)
+    tensors = {}
+    for name in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_q",
+                 "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_out"):
+        layer = pipe.transformer.get_submodule(name)
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=generator)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator)
+    for name, alpha in (("transformer_blocks.0.attn.to_k", 16.0), ("single_transformer_blocks.0.attn.to_k", 8.0),
+                        ("single_transformer_blocks.0.proj_out", 8.0)):
+        tensors[f"transformer.{name}.lora_A.weight.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(tmp_path / "alphas.safetensors"))
+    scalings = {n: s.scaling for n, s in load_adapter(str(tmp_path / "alphas.safetensors")).modules.items()}
+    assert scalings["transformer.transformer_blocks.0.attn.to_k"] == 4.0
+    assert scalings["transformer.transformer_blocks.0.attn.to_q"] == 2.0  # no alpha: the most common, 8
+    pipe.load_lora_weights(str(tmp_path), weight_name="alphas.safetensors", adapter_name="alphas")
+    loaded, ours = dit_deltas(pipe, "alphas"), canonical_updates(tmp_path / "alphas.safetensors")
+    assert sorted(loaded) == sorted(ours)
+    for name, update in ours.items():
+        torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-5)
+
+
 COMFYUI = {  # ComfyUI's names of a few kohya modules (diffusion_model. / text_encoders.clip_l.transformer.)
     "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv",
     "lora_unet_single_blocks_0_linear2": "diffusion_model.single_blocks.0.linear2",

@@ -8,6 +8,7 @@ module reads only its rows of the fused up factor, the shared down factor whole,
 """
 
 import sys
+from collections import Counter
 from dataclasses import replace
 from typing import Mapping, Optional
 
@@ -68,13 +69,16 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
     renamed = _diffusers_to_peft_names({_prefixed(key): origin for key, origin in origins.items()})
     configs = _component_configs(source, metadata)
     alphas = _read_alphas(resolved, [key for key in keys if key.endswith(".alpha")])
+    layout = flux.layout(keys) if flux_only else "diffusers"
     modules = {}
     for (component, local), parts in sorted(_group(renamed).items()):
         name = f"{component}.{local.removeprefix(TEXT_MODEL)}"
         for part in ("lora_A", "lora_B"):
             if part not in parts:
                 raise AdapterFormatError(f"{source}: module {name} has no {part} (lora_down / lora_up) tensor")
-        spec = _spec(source, local, parts["lora_A"], parts["lora_B"], shapes, configs.get(component), alphas)
+        default_alpha = _default_alpha(alphas, component) if layout == "diffusers" else None
+        spec = _spec(source, local, parts["lora_A"], parts["lora_B"], shapes, configs.get(component), alphas,
+                     default_alpha)
         modules[name] = replace(spec, name=name)
     if not modules:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors")
@@ -89,7 +93,7 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
     return Adapter(
         source=source,
         weights_path=resolved.weights_path,
-        format=flux.layout(keys) if flux_only else "diffusers",
+        format=layout,
         base_model=None,
         modules=modules,
         dtype=dtype,
@@ -125,8 +129,15 @@ def _group(renamed: Mapping[str, Origin]) -> dict[tuple[str, str], dict[str, Ori
     return grouped
 
 
+def _default_alpha(alphas: Mapping[str, float], component: str) -> Optional[float]:
+    """diffusers' alpha for the modules of a diffusers-layout file that have no `.alpha` of their own: the most
+    common alpha of the component (its `get_peft_kwargs` makes that the LoraConfig's lora_alpha)."""
+    values = [value for key, value in alphas.items() if key.startswith(f"{component}.")]
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
 def _spec(source: str, local: str, a: Origin, b: Origin, shapes: Mapping[str, tuple], config: Optional[dict],
-          alphas: Mapping[str, float]) -> ModuleSpec:
+          alphas: Mapping[str, float], default_alpha: Optional[float] = None) -> ModuleSpec:
     """One module: its factors' file keys and row / column ranges, rank from the file, s = alpha / r."""
     rank = shapes[a.key][0]
     if shapes[b.key][1] != rank:
@@ -139,8 +150,9 @@ def _spec(source: str, local: str, a: Origin, b: Origin, shapes: Mapping[str, tu
     if config is not None:  # diffusers' own LoraConfig in the header
         parts = {"lora_A": a.key, "lora_B": b.key}
         spec = module_spec(source, config, local, parts, {a.key: a_shape, b.key: b_shape}, DIFFUSERS_METADATA_KEY)
-    else:  # kohya-style alpha next to the down factor (diffusers' default alpha = r: s = 1)
-        alpha = next((alphas[k] for k in (DOWN.sub("", a.key) + ".alpha", a.key + ".alpha") if k in alphas), None)
+    else:  # an alpha next to the down factor; else diffusers' default (kohya, XLabs: alpha = r, s = 1)
+        own = (alphas[k] for k in (DOWN.sub("", a.key) + ".alpha", a.key + ".alpha") if k in alphas)
+        alpha = next(own, default_alpha)
         spec = ModuleSpec(local, "linear", rank, (alpha or rank) / rank, a.key, b.key, a_shape, b_shape)
     return replace(spec, b_rows=None if b.full else b.ranges, a_columns=None if a.full else a.ranges)
 
