@@ -244,14 +244,20 @@ def test_fused_weights_change_by_the_weighted_sum_of_the_original_updates(loras,
         torch.testing.assert_close(module_weight(pipe, name) - before[name], change, rtol=1e-4, atol=2e-6)
 
 
-def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
-    """XLabs' attention processors (`double_blocks.0.processor.qkv_lora1.down.weight`; no alpha: s = 1)."""
+def write_xlabs(path) -> dict[str, torch.Tensor]:
+    """XLabs' layout for the tiny Flux: the image stream's fused qkv and the text stream's attention output."""
     generator = torch.Generator().manual_seed(6)
     tensors = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(4, 32, generator=generator),
                "double_blocks.0.processor.qkv_lora1.up.weight": torch.randn(96, 4, generator=generator),
                "double_blocks.0.processor.proj_lora2.down.weight": torch.randn(4, 32, generator=generator),
                "double_blocks.0.processor.proj_lora2.up.weight": torch.randn(32, 4, generator=generator)}
-    save_file(tensors, str(tmp_path / "xlabs.safetensors"))
+    save_file(tensors, str(path))
+    return tensors
+
+
+def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
+    """XLabs' attention processors (`double_blocks.0.processor.qkv_lora1.down.weight`; no alpha: s = 1)."""
+    tensors = write_xlabs(tmp_path / "xlabs.safetensors")
     adapter = load_adapter(str(tmp_path / "xlabs.safetensors"))
     assert (adapter.format, adapter.family) == ("xlabs", FLUX)
     fused = tensors["double_blocks.0.processor.qkv_lora1.up.weight"].double() @ \
@@ -266,21 +272,26 @@ def test_xlabs_layout_loads_as_diffusers_reads_it(loras, tokenizer, tmp_path):
         torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-6)
 
 
-def test_alphas_in_a_diffusers_file_scale_as_diffusers_loads_them(tokenizer, tmp_path):
-    """A `transformer.*` file with `.alpha` keys on some modules (as TheLastBen's Flux LoRAs have them):
-    modules with an alpha get alpha / r, the others the component's most common alpha / r, as diffusers'
-    LoraConfig gives them; checked against `load_lora_weights` of the file."""
-    pipe, generator = tiny_flux(tokenizer), torch.Generator().manual_seed(7)
-    tensors = {}
+def write_with_alphas(path, transformer) -> None:
+    """diffusers keys with `<lora_A key>.alpha` tensors on some modules (diffusers' test of this layout)."""
+    generator, tensors = torch.Generator().manual_seed(7), {}
     for name in ("transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_q",
                  "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_out"):
-        layer = pipe.transformer.get_submodule(name)
+        layer = transformer.get_submodule(name)
         tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=generator)
         tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator)
     for name, alpha in (("transformer_blocks.0.attn.to_k", 16.0), ("single_transformer_blocks.0.attn.to_k", 8.0),
                         ("single_transformer_blocks.0.proj_out", 8.0)):
         tensors[f"transformer.{name}.lora_A.weight.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(tmp_path / "alphas.safetensors"))
+    save_file(tensors, str(path))
+
+
+def test_alphas_in_a_diffusers_file_scale_as_diffusers_loads_them(tokenizer, tmp_path):
+    """A `transformer.*` file with `.alpha` keys on some modules (as TheLastBen's Flux LoRAs have them):
+    modules with an alpha get alpha / r, the others the component's most common alpha / r, as diffusers'
+    LoraConfig gives them; checked against `load_lora_weights` of the file."""
+    pipe = tiny_flux(tokenizer)
+    write_with_alphas(tmp_path / "alphas.safetensors", pipe.transformer)
     scalings = {n: s.scaling for n, s in load_adapter(str(tmp_path / "alphas.safetensors")).modules.items()}
     assert scalings["transformer.transformer_blocks.0.attn.to_k"] == 4.0
     assert scalings["transformer.transformer_blocks.0.attn.to_q"] == 2.0  # no alpha: the most common, 8
@@ -364,3 +375,38 @@ def test_image_grid_on_a_flux_pipeline(loras, tokenizer, tmp_path):
     pixels = [np.asarray(image) for image in grid.images[0]]
     assert all(not np.array_equal(pixels[0], pixels[v]) for v in (1, 2, 3))
     assert not any(pipe.get_list_adapters().values())
+
+
+def test_the_flux_hub_preset_maps_onto_the_loader_and_the_comparison(loras, tokenizer, tmp_path, monkeypatch):
+    """Stand-ins in each real file's layout at the preset's Hub paths (an offline cache laid out as
+    huggingface_hub does): the diffusers file with alphas, the kohya file with CLIP-L parts, the XLabs file.
+    They load as one Flux.1 set, merge into a diffusers file, and the preset's adapters and settings drive the
+    comparison (at a tiny size) with each trigger in front of its prompts."""
+    from huggingface_hub import constants
+    from test_hub import add_to_cache
+
+    from coremerge import load_adapters
+    from coremerge.presets import find_preset
+
+    preset = find_preset("flux-styles")
+    write_with_alphas(tmp_path / "jon_snow.safetensors", tiny_flux(tokenizer).transformer)
+    write_xlabs(tmp_path / "disney_lora.safetensors")
+    stand_ins = [tmp_path / "jon_snow.safetensors", loras["files"]["kohya"], tmp_path / "disney_lora.safetensors"]
+    for adapter, stand_in in zip(preset.adapters, stand_ins):
+        owner, repo, inner = adapter.source.split("/", 2)
+        add_to_cache(tmp_path / "hub", f"{owner}/{repo}", {inner: stand_in})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    adapters = load_adapters(preset.adapter_sources)
+    assert [(a.format, a.family, a.origin) for a in adapters] == [
+        ("diffusers", FLUX, "hub"), ("kohya", FLUX, "hub"), ("xlabs", FLUX, "hub")]
+    report = merge_to_folder(preset.adapter_sources, MergeOptions.create(method="tsv"), tmp_path / "out")
+    assert (report["family"], report["file"]) == (FLUX, "pytorch_lora_weights.safetensors")
+    settings = GenerationSettings(**preset.samples.generation)
+    assert (settings.num_inference_steps, settings.guidance_scale) == (4, 0.0)  # FLUX.1-schnell
+    entries = [LoraEntry(a.name, a.source, a.trigger or "") for a in preset.adapters]
+    small = GenerationSettings(num_inference_steps=2, guidance_scale=0.0, width=16, height=16, seed=settings.seed)
+    grid = compare_images(tiny_flux(tokenizer), entries, tmp_path / "out", preset.samples.prompts[:1], small)
+    assert grid.variants == ("base", "Jon Snow", "Optimus", "Disney style", "merged")
+    assert grid.prompts_used[0][1:] == ("jon snow, eating pizza with ketchup", "optimus, eating pizza with ketchup",
+                                        "disney style, eating pizza with ketchup",
+                                        "jon snow, optimus, disney style, eating pizza with ketchup")
