@@ -302,6 +302,23 @@ def test_alphas_in_a_diffusers_file_scale_as_diffusers_loads_them(tokenizer, tmp
         torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-5)
 
 
+def test_a_peft_folder_of_a_flux_transformer_loads_with_component_names(tokenizer, tmp_path):
+    from peft import get_peft_model
+
+    pipe = tiny_flux(tokenizer)
+    torch.manual_seed(8)
+    config = LoraConfig(r=2, lora_alpha=6, init_lora_weights=False,
+                        target_modules=["single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2"])
+    get_peft_model(pipe.transformer, config).save_pretrained(str(tmp_path / "peft_flux"))
+    adapter = load_adapter(str(tmp_path / "peft_flux"))
+    assert (adapter.format, adapter.family) == ("peft", FLUX)
+    ours, theirs = canonical_updates(tmp_path / "peft_flux"), dit_deltas(pipe)
+    assert sorted(ours) == sorted(theirs) == ["transformer.single_transformer_blocks.0.attn.to_q",
+                                              "transformer.transformer_blocks.0.ff.net.2"]
+    for name, delta in theirs.items():
+        torch.testing.assert_close(ours[name], delta, rtol=1e-5, atol=1e-7)
+
+
 COMFYUI = {  # ComfyUI's names of a few kohya modules (diffusion_model. / text_encoders.clip_l.transformer.)
     "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv",
     "lora_unet_single_blocks_0_linear2": "diffusion_model.single_blocks.0.linear2",

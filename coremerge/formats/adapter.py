@@ -74,7 +74,7 @@ class Adapter:
 
     source: str
     weights_path: Path
-    format: str  # "peft", "peft-moslora", "kohya", "diffusers" or "diffusers-old"
+    format: str  # "peft", "peft-moslora", "kohya", "diffusers", "diffusers-old"; Flux also "comfyui", "xlabs", ...
     base_model: Optional[str]
     modules: dict[str, ModuleSpec]
     dtype: torch.dtype

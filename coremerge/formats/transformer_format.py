@@ -164,7 +164,7 @@ def _family(modules: Mapping[str, ModuleSpec], metadata: Mapping[str, str], flux
     `modelspec.architecture` metadata; SD3-only modules; the width of the attention projections.
     """
     version = f"{metadata.get('ss_base_model_version', '')} {metadata.get('modelspec.architecture', '')}".lower()
-    if flux_only or "flux" in version:
+    if flux_only or "flux" in version or flux.claims(list(modules)):
         return FLUX
     if "sd3" in version or "stable-diffusion-v3" in version or sd3.claims(modules):
         return SD3
