@@ -109,8 +109,7 @@ class Adapter:
 
     def _read_float64(self, reader: TensorReader, key: str, rows: Optional[Ranges] = None,
                        columns: Optional[Ranges] = None) -> torch.Tensor:
-        """A tensor (or the given rows / columns of it) upcast exactly to float64 (half precision via float32,
-        whose conversion is vectorized)."""
+        """A tensor (or the given rows / columns of it) upcast exactly to float64, checked for NaN / Inf."""
         if rows is None and columns is None:
             tensor = reader.get_tensor(key)
         else:
@@ -118,10 +117,13 @@ class Adapter:
             parts = ([stored[start:stop] for start, stop in rows] if rows is not None
                      else [stored[:, start:stop] for start, stop in columns])
             tensor = torch.cat(parts, dim=0 if rows is not None else 1)
-        tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
+        stored_dtype, tensor = tensor.dtype, tensor.to(torch.float64)
+        # One float64 sum finds any NaN / Inf of a narrower dtype (it cannot overflow: |x| < 3.5e38 per entry),
+        # several times faster than an elementwise isfinite.
+        finite = torch.isfinite(tensor).all() if stored_dtype == torch.float64 else torch.isfinite(tensor.sum())
+        if not finite:
             raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
-        return tensor.to(torch.float64)
+        return tensor
 
 
 class _DictReader:
