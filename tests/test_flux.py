@@ -342,6 +342,40 @@ def test_comfyui_layout_loads_as_the_same_kohya_modules(loras, tmp_path):
         torch.testing.assert_close(update, reference[name], rtol=1e-5, atol=1e-7)
 
 
+FAL_DOUBLE = {"img_attn.proj": (3072, 3072), "img_attn.qkv": (9216, 3072), "img_mlp.0": (12288, 3072),
+              "img_mlp.2": (3072, 12288), "img_mod.lin": (18432, 3072), "txt_attn.proj": (3072, 3072),
+              "txt_attn.qkv": (9216, 3072), "txt_mlp.0": (12288, 3072), "txt_mlp.2": (3072, 12288),
+              "txt_mod.lin": (18432, 3072)}
+FAL_SINGLE = {"linear1": (21504, 3072), "linear2": (3072, 15360), "modulation.lin": (9216, 3072)}
+
+
+def test_fal_kontext_layout_splits_exactly(tmp_path):
+    """fal's Kontext trainer: BFL names under `base_model.model.`, every block of FLUX.1 (diffusers' converter
+    needs them all), rank 1 here to stay small."""
+    generator, tensors = torch.Generator().manual_seed(9), {}
+    modules = {**{f"double_blocks.{i}.{k}": v for i in range(19) for k, v in FAL_DOUBLE.items()},
+               **{f"single_blocks.{i}.{k}": v for i in range(38) for k, v in FAL_SINGLE.items()},
+               "final_layer.linear": (64, 3072)}
+    for name, (m, n) in modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(1, n, generator=generator)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m, 1, generator=generator)
+    save_file(tensors, str(tmp_path / "kontext.safetensors"))
+    adapter = load_adapter(str(tmp_path / "kontext.safetensors"))
+    assert (adapter.format, adapter.family, len(adapter.modules)) == ("fal-kontext", FLUX, 19 * 14 + 38 * 6 + 1)
+
+    def fused(name):
+        return tensors[f"base_model.model.{name}.lora_B.weight"].double() @ \
+            tensors[f"base_model.model.{name}.lora_A.weight"].double()
+
+    with adapter.open() as reader:  # three modules only: dense updates of every Flux layer take ~100 GB
+        for name, reference in (
+                ("transformer_blocks.3.attn.add_k_proj", fused("double_blocks.3.txt_attn.qkv")[3072:6144]),
+                ("single_transformer_blocks.5.proj_mlp", fused("single_blocks.5.linear1")[9216:]),
+                ("proj_out", fused("final_layer.linear"))):
+            factors = adapter.read_factors(reader, f"transformer.{name}")
+            torch.testing.assert_close(factors.b @ factors.a, reference)
+
+
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"
 
 
