@@ -342,6 +342,26 @@ def test_comfyui_layout_loads_as_the_same_kohya_modules(loras, tmp_path):
         torch.testing.assert_close(update, reference[name], rtol=1e-5, atol=1e-7)
 
 
+def test_kohya_diffusers_named_layout_loads_as_diffusers_reads_it(tokenizer, tmp_path):
+    """`lora_transformer_*` keys (kohya-style down / up / alpha on diffusers' module names)."""
+    pipe, generator, tensors = tiny_flux(tokenizer), torch.Generator().manual_seed(10), {}
+    for name, alpha in (("transformer_blocks.0.attn.to_q", 2.0), ("transformer_blocks.0.attn.add_k_proj", 8.0),
+                        ("single_transformer_blocks.0.attn.to_v", 3.0), ("context_embedder", 4.0)):
+        layer, key = pipe.transformer.get_submodule(name), "lora_transformer_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=generator)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=generator)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(tmp_path / "named.safetensors"))
+    adapter = load_adapter(str(tmp_path / "named.safetensors"))
+    assert (adapter.format, adapter.family) == ("kohya", FLUX)
+    assert adapter.modules["transformer.context_embedder"].scaling == 1.0
+    pipe.load_lora_weights(str(tmp_path), weight_name="named.safetensors", adapter_name="named")
+    loaded, ours = dit_deltas(pipe, "named"), canonical_updates(tmp_path / "named.safetensors")
+    assert sorted(loaded) == sorted(ours) and len(ours) == 4
+    for name, update in ours.items():
+        torch.testing.assert_close(loaded[name], update, rtol=1e-5, atol=1e-5)
+
+
 FAL_DOUBLE = {"img_attn.proj": (3072, 3072), "img_attn.qkv": (9216, 3072), "img_mlp.0": (12288, 3072),
               "img_mlp.2": (3072, 12288), "img_mod.lin": (18432, 3072), "txt_attn.proj": (3072, 3072),
               "txt_attn.qkv": (9216, 3072), "txt_mlp.0": (12288, 3072), "txt_mlp.2": (3072, 12288),
@@ -395,6 +415,11 @@ QKV = "lora_unet_double_blocks_0_img_attn_qkv"
      "Flux control LoRA (tensor transformer.transformer_blocks.0.attn.norm_q.query_norm.scale)"),
     ("widened", {"lora_unet_img_in.lora_down.weight": (2, 128), "lora_unet_img_in.lora_up.weight": (3072, 2)},
      "its x_embedder LoRA reads 128 input channels but Flux.1 has 64: a control LoRA that widens the layer"),
+    ("lost", {"lora_transformer_single_transformer_blocks_0_proj_out.lora_down.weight": (2, 80),
+              "lora_transformer_single_transformer_blocks_0_proj_out.lora_up.weight": (32, 2),
+              "lora_transformer_single_transformer_blocks_0_proj_out.alpha": ()},
+     "diffusers maps lora_transformer_single_transformer_blocks_0_proj_out.lora_down.weight to "
+     "transformer.single_transformer_blocks.0, a whole block rather than a layer; coremerge cannot merge this key"),
 ])
 def test_what_is_not_a_plain_flux_lora_is_refused(kind, tensors, message, loras, capsys, tmp_path):
     path = tmp_path / f"{kind.lower()}.safetensors"

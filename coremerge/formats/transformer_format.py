@@ -7,6 +7,7 @@ file. Modules are then named as in the pipeline, component first (`transformer.t
 module reads only its rows of the fused up factor, the shared down factor whole, so every update is exact.
 """
 
+import re
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -25,6 +26,7 @@ from .traced_conversion import DOWN, Origin, trace_conversion
 # Top-level modules of diffusers' transformer denoisers: a peft folder of one has only these.
 TRANSFORMER_TOP_LEVEL = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
                          "time_text_embed", "norm_out", "proj_out", "pos_embed"}
+WHOLE_BLOCK = re.compile(r"blocks\.\d+$")  # a converted name that stops at a block: the layer got lost
 DIFF_SUFFIXES = (".diff", ".diff_b")  # full-weight (and bias) differences some trainers add to a LoRA file
 # Inner widths of each family (attention projections' outputs), for files whose module names do not tell.
 WIDTHS = {flux.INNER_WIDTH: FLUX, **{width: SD3 for width in sd3.INNER_WIDTHS}}
@@ -76,6 +78,11 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
         for part in ("lora_A", "lora_B"):
             if part not in parts:
                 raise AdapterFormatError(f"{source}: module {name} has no {part} (lora_down / lora_up) tensor")
+        if WHOLE_BLOCK.search(local):  # diffusers 0.42 does so with `lora_transformer_single_..._proj_out`
+            raise AdapterFormatError(
+                f"{source}: diffusers maps {parts['lora_A'].key} to {name}, a whole block rather than a layer; "
+                "coremerge cannot merge this key"
+            )
         default_alpha = _default_alpha(alphas, component) if layout == "diffusers" else None
         spec = _spec(source, local, parts["lora_A"], parts["lora_B"], shapes, configs.get(component), alphas,
                      default_alpha)
