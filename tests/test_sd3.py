@@ -122,3 +122,14 @@ def test_sd3_is_told_apart_from_flux_and_sdxl_and_never_merged_with_them(capsys,
     report = merge_to_folder([str(loras["files"]["b"]), str(loras["files"]["a"])], MergeOptions.create(method="ta"),
                              tmp_path / "ok")
     assert report["family"] == SD3
+
+
+@pytest.mark.parametrize("key", ["lora_unet_joint_blocks_0_x_block_attn_qkv",
+                                 "diffusion_model.joint_blocks.0.x_block.attn.qkv"])
+def test_sd3_loras_in_kohya_or_comfyui_naming_are_refused(key, capsys, tmp_path, loras):
+    """diffusers converts no SD3 layout but its own; such files once loaded as a UNet named `unet.joint.blocks`."""
+    path = tmp_path / "sd3_kohya.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.ones(2, 1536), f"{key}.lora_up.weight": torch.ones(4608, 2),
+               f"{key}.alpha": torch.tensor(2.0)}, str(path))
+    expect_error(capsys, tmp_path, [loras["files"]["a"], path],
+                 f"{path}: SD3 LoRA in kohya / ComfyUI naming (tensor {key}.")

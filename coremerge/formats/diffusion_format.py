@@ -88,6 +88,11 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
     modules, ignored = {}, []
     for (component, local), parts in sorted(_group(renamed, ignored).items()):
         name = f"{component}.{local.removeprefix(TEXT_MODEL)}"
+        if component == "unet" and local.split(".")[0] not in UNET_TOP_LEVEL:
+            raise AdapterFormatError(
+                f"{source}: diffusers maps {parts['lora_A']} to {name}, which is not a layer of a Stable Diffusion "
+                "UNet; coremerge cannot map this file"
+            )
         if component in configs:  # diffusers' own LoraConfig: r, lora_alpha, patterns, rsLoRA
             spec = module_spec(source, configs[component], local, parts, shapes, DIFFUSERS_METADATA_KEY)
         else:  # kohya: s = alpha / r; diffusers files without metadata: s = 1, as diffusers loads them

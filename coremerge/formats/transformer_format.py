@@ -36,7 +36,8 @@ ATTENTION = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".attn.add_q_proj", ".att
 def is_transformer_lora(resolved: ResolvedSource) -> bool:
     """Whether the file is a LoRA of a diffusion transformer (any layout), or a peft folder of one."""
     keys = list(tensor_index(resolved)[0])
-    if flux.claims(keys) or any(key.startswith(("transformer.", "diffusion_model.")) for key in keys):
+    if flux.claims(keys) or sd3.claims_unconverted(keys) or any(key.startswith(("transformer.", "diffusion_model."))
+                                                                  for key in keys):
         return True
     return resolved.config_path is not None and _is_transformer_peft(keys)
 
@@ -60,6 +61,7 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
     _refuse_diffs(source, shapes)
     flux.refuse_control(source, shapes)
     keys = list(shapes)
+    sd3.refuse_unconverted(source, keys)
     metadata = _file_metadata(resolved)
     if resolved.config_path is not None and _is_transformer_peft(keys):
         adapter = load_peft_adapter(resolved)
