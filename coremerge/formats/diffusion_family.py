@@ -1,4 +1,5 @@
-"""Which Stable Diffusion version a diffusion LoRA was made for, from its modules' shapes and file metadata."""
+"""Which diffusion model a LoRA was made for (SD 1.x / 2.x / SDXL, Flux.1, SD3), from its modules' shapes and
+file metadata, and which families may be merged together."""
 
 import re
 from typing import Mapping, Optional, Sequence
@@ -7,6 +8,11 @@ from .adapter import Adapter, ModuleSpec
 
 SD1, SD2, SDXL = "SD 1.x", "SD 2.x", "SDXL"
 UNKNOWN = "Stable Diffusion"  # a UNet / CLIP LoRA whose version its tensors do not tell (e.g. tiny test models)
+FLUX, SD3 = "Flux.1", "SD3"
+UNKNOWN_DIT = "a diffusion transformer"  # a transformer LoRA whose family its tensors do not tell
+# Families by denoiser: a LoRA of unknown version merges with any family of its group, never across groups.
+GROUPS = {SD1: UNKNOWN, SD2: UNKNOWN, SDXL: UNKNOWN, UNKNOWN: UNKNOWN, FLUX: UNKNOWN_DIT, SD3: UNKNOWN_DIT,
+          UNKNOWN_DIT: UNKNOWN_DIT}
 # Width of the text embeddings the UNet's cross-attention reads (attn2.to_k / to_v input features).
 CROSS_ATTENTION_DIMS = {768: SD1, 1024: SD2, 2048: SDXL}
 # kohya's `ss_base_model_version` metadata, by prefix.
@@ -37,19 +43,23 @@ def detect_family(modules: Mapping[str, ModuleSpec], file_metadata: Mapping[str,
 
 
 def same_family(first: str, second: str) -> bool:
-    """Whether two detected families can be merged (UNKNOWN leaves it to the module-shape check)."""
-    return UNKNOWN in (first, second) or first == second
+    """Whether two detected families can be merged: the same family, or one of unknown version in the same
+    group (UNet or transformer; the module-shape check decides then)."""
+    if GROUPS.get(first) != GROUPS.get(second):
+        return False
+    return first == second or GROUPS.get(first) in (first, second)
 
 
 def is_diffusion_set(adapters: Sequence[Adapter]) -> bool:
-    """Whether loaded adapters are Stable Diffusion LoRAs (then they export as one diffusers file)."""
+    """Whether loaded adapters are diffusion LoRAs (then they export as one diffusers file)."""
     return bool(adapters) and all(adapter.family is not None for adapter in adapters)
 
 
 def shared_family(adapters: Sequence[Adapter]) -> Optional[str]:
-    """The family the adapters agree on: a known version if any adapter tells it, else UNKNOWN (None: not diffusion)."""
+    """The family the adapters agree on: a known one if any adapter tells it, else the unknown of their group
+    (None: not diffusion)."""
     families = {adapter.family for adapter in adapters}
     if None in families:
         return None
-    known = families - {UNKNOWN}
-    return known.pop() if len(known) == 1 else UNKNOWN
+    known = families - {UNKNOWN, UNKNOWN_DIT}
+    return known.pop() if len(known) == 1 else families.pop()

@@ -22,11 +22,10 @@ from .peft_format import PEFT_PREFIX, load_peft_adapter, module_spec, refuse_non
 from .sources import ResolvedSource
 from .validation import check_factor_shapes, check_lora_config, kohya_alpha
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 UNET_TOP_LEVEL = {"conv_in", "conv_out", "time_embedding", "add_embedding", "down_blocks", "mid_block", "up_blocks"}
-TRANSFORMER_PREFIXES = ("transformer.", "lora_transformer_", "lora_unet_double_blocks_", "lora_unet_single_blocks_")
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 # kohya names SDXL's UNet blocks as Stability's sgm code does; their numbering depends on layers_per_block,
 # which is 2 in SD 1.x, SD 2.x and SDXL alike.
@@ -34,7 +33,7 @@ SGM_UNET_CONFIG = SimpleNamespace(layers_per_block=2)
 TEXT_MODEL = "text_model."  # CLIP's inner module, flattened away in transformers 5
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoraConfig in the safetensors header
 PEFT_KEY = re.compile(
-    r"^(?P<component>unet|text_encoder|text_encoder_2)\.(?P<local>.+)\.(?P<part>lora_A|lora_B)\.weight$"
+    r"^(?P<component>unet|transformer|text_encoder|text_encoder_2)\.(?P<local>.+)\.(?P<part>lora_A|lora_B)\.weight$"
 )
 
 
@@ -54,7 +53,7 @@ def is_diffusion_lora(resolved: ResolvedSource) -> bool:
     keys = list(tensor_index(resolved)[0])
     if not keys:
         return False
-    if all(key.startswith(KOHYA_PREFIXES) for key in keys) or any(key.startswith(TRANSFORMER_PREFIXES) for key in keys):
+    if all(key.startswith(KOHYA_PREFIXES) for key in keys):
         return True
     if all(key.split(".")[0] in COMPONENTS for key in keys):
         return True
@@ -69,18 +68,11 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
     """Read a diffusion LoRA's tensor index, rename its modules as diffusers does, fold in alpha / r.
 
     Raises:
-        AdapterFormatError: a LoHa / LoKr / DoRA / IA3 file, a LoRA for a transformer-based pipeline
-            (Flux, SD3, ...), keys diffusers cannot map, or inconsistent shapes.
+        AdapterFormatError: a LoHa / LoKr / DoRA / IA3 file, keys diffusers cannot map, or inconsistent shapes.
     """
     source = resolved.source
     shapes, dtype = tensor_index(resolved)
     refuse_non_lora(source, shapes)
-    transformer_key = next((key for key in shapes if key.startswith(TRANSFORMER_PREFIXES)), None)
-    if transformer_key is not None:
-        raise AdapterFormatError(
-            f"{source}: LoRA for a transformer-based diffusion model such as Flux or SD3 (tensor {transformer_key}); "
-            "coremerge merges Stable Diffusion 1.x / 2.x / SDXL LoRAs"
-        )
     file_metadata = _file_metadata(resolved)
     if resolved.config_path is not None and _is_unet_peft(list(shapes)):
         adapter = load_peft_adapter(resolved)
@@ -95,6 +87,11 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
     modules, ignored = {}, []
     for (component, local), parts in sorted(_group(renamed, ignored).items()):
         name = f"{component}.{local.removeprefix(TEXT_MODEL)}"
+        if component == "unet" and local.split(".")[0] not in UNET_TOP_LEVEL:
+            raise AdapterFormatError(
+                f"{source}: diffusers maps {parts['lora_A']} to {name}, which is not a layer of a Stable Diffusion "
+                "UNet; coremerge cannot map this file"
+            )
         if component in configs:  # diffusers' own LoraConfig: r, lora_alpha, patterns, rsLoRA
             spec = module_spec(source, configs[component], local, parts, shapes, DIFFUSERS_METADATA_KEY)
         else:  # kohya: s = alpha / r; diffusers files without metadata: s = 1, as diffusers loads them
@@ -146,7 +143,7 @@ def _diffusers_to_peft_names(state_dict: dict[str, FileKey]) -> dict[str, FileKe
         part = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
         if component in TEXT_ENCODERS:  # both old conventions (to_q_lora, lora_linear_layer), then the rest
             part = convert_state_dict(convert_state_dict(part, DIFFUSERS_OLD_TO_PEFT), DIFFUSERS_TO_PEFT)
-        else:
+        elif component == "unet":
             part = convert_unet_state_dict_to_peft(part)
         out.update({f"{prefix}{key}": value for key, value in part.items()})
     return out

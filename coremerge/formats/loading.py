@@ -9,13 +9,15 @@ from .checks import check_module_shapes, check_same_base_model, check_same_famil
 from .diffusion_format import is_diffusion_lora, load_diffusion_adapter
 from .peft_format import load_peft_adapter
 from .sources import resolve_source
+from .transformer_format import is_transformer_lora, load_transformer_adapter
 
 
 def load_adapter(source: str) -> Adapter:
     """Resolve a source (Hub ID, folder or file) and read its config and tensor index.
 
-    Stable Diffusion LoRAs (kohya / diffusers files, peft folders of a UNet) get component-prefixed
-    module names and a `family`; every other adapter is read as a peft LoRA.
+    Diffusion LoRAs (Flux.1 and SD3 transformers in any layout diffusers loads; Stable Diffusion kohya /
+    diffusers files, peft folders of a UNet or transformer) get component-prefixed module names and a
+    `family`; every other adapter is read as a peft LoRA.
     """
     try:
         resolved = resolve_source(source)
@@ -26,6 +28,8 @@ def load_adapter(source: str) -> Adapter:
     except OSError as error:
         what = Path(error.filename).name if error.filename else "it"
         raise AdapterFormatError(f"{source}: cannot read {what} ({describe_os_error(error)})") from error
+    if is_transformer_lora(resolved):
+        return load_transformer_adapter(resolved)
     return load_diffusion_adapter(resolved) if is_diffusion_lora(resolved) else load_peft_adapter(resolved)
 
 

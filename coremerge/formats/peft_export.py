@@ -11,11 +11,10 @@ from safetensors.torch import save_file
 from ..errors import OutputError
 from .adapter import Adapter, MergedModule
 from .output_folder import REPORT_NAME, WEIGHTS_NAME
-
-UNDERFLOW_TOLERANCE = 1e-2  # relative error of a cast factor; 16-bit rounding alone is under 4e-3
 from .peft_format import PEFT_PREFIX
 from .sources import CONFIG_NAME
 
+UNDERFLOW_TOLERANCE = 1e-2  # relative error of a cast factor; 16-bit rounding alone is under 4e-3
 
 
 def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch.dtype:
@@ -73,7 +72,7 @@ def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter)
     defaults), so that the CLI need not import peft, which takes seconds.
     """
     common = Counter(ranks.values()).most_common(1)[0][0]
-    differing = {name: k for name, k in ranks.items() if k != common}
+    differing = {_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
     return {
         "peft_type": "LORA",
         "task_type": like.config.get("task_type"),
@@ -91,6 +90,12 @@ def peft_config(ranks: dict[str, int], base_model: Optional[str], like: Adapter)
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def _pattern_key(name: str, names) -> str:
+    """A rank / alpha pattern key that matches only this module: peft matches a key as a dotted suffix, so a
+    module whose name ends another's (Flux's `proj_out` and `single_transformer_blocks.0.proj_out`) gets `^`."""
+    return f"^{name}" if any(other.endswith(f".{name}") for other in names) else name
 
 
 def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
