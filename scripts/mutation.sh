@@ -2,8 +2,8 @@
 # Mutation testing of the merge math (opt-in; slow, not part of CI).
 #
 # mutmut (pinned below) plants one small change at a time (a mutant) in coremerge/merging/{methods,spaces,linalg}.py
-# and runs the fast math tests on it (tests/test_hand_cases.py, test_methods.py, test_linalg.py, test_spaces.py and the
-# library half of test_reference.py; configured under [tool.mutmut] in pyproject.toml). A mutant the tests catch is
+# and runs the fast math tests on it (tests/test_hand_cases.py, test_methods.py, test_linalg.py, test_spaces.py, the
+# library half of test_reference.py and the parameter ranges of test_rules.py; see [tool.mutmut] in pyproject.toml). A mutant the tests catch is
 # "killed"; one they do not catch "survived". Prints the counts and the surviving mutants.
 #
 #   bash scripts/mutation.sh            # every mutant (about an hour on a shared 2-core machine)

@@ -144,6 +144,19 @@ def test_float32_factors_are_merged_in_float64(space, task_factors):
 
 
 @pytest.mark.parametrize("space", SPACES)
+def test_factors_come_out_in_the_asked_dtype(space, task_factors):
+    """to_lora's final products run in the asked dtype (float32 when the adapter is written in 16 bits)."""
+    name = "model.layers.0.self_attn.q_proj"
+    factors, weights = task_factors[name]
+    tasks = [TaskFactors(a=torch.from_numpy(a), b=torch.from_numpy(b), weight=w) for (b, a), w in zip(factors, weights)]
+    update = merge_module(tasks, MergeOptions.create(method="ta", space=space), module_generator(0, name))
+    exact = to_lora(update)
+    single = to_lora(update, dtype=torch.float32)
+    assert [t.dtype for t in exact] == [torch.float64] * 2 and [t.dtype for t in single] == [torch.float32] * 2
+    torch.testing.assert_close((single[0] @ single[1]).double(), exact[0] @ exact[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("space", SPACES)
 def test_each_varied_parameter_changes_the_result(space, task_factors):
     """The cases above are not vacuous: each varied parameter changes the reference's answer."""
     by_method: dict[str, list] = {}

@@ -223,3 +223,25 @@ def test_new_tokens_are_capped(monkeypatch):
     assert built["tokens"] == 128
     runners.build_runner(preset)
     assert built["tokens"] == min(int(preset.samples.generation.get("max_new_tokens", 64)), 128)
+
+
+# ---------------------------------------------------------------- parameter ranges
+
+
+def test_parameter_ranges_include_their_closed_ends_and_name_the_range():
+    from coremerge import CoreMergeError
+
+    assert MergeOptions.create(method="ties", density=1.0).params["density"] == 1.0  # (0, 1]: 1 is allowed
+    assert MergeOptions.create(method="iso_cts", common_fraction=0.0).params["common_fraction"] == 0.0  # [0, 1]
+    assert MergeOptions.create(method="iso_cts", common_fraction=1.0).params["common_fraction"] == 1.0
+    assert MergeOptions.create(method="dare", seed=2**63 - 1).params["seed"] == 2**63 - 1
+    for kwargs, message in (
+        ({"method": "iso_cts", "common_fraction": 1.5}, "--common-fraction 1.5: must be a number in [0, 1]"),
+        ({"method": "iso_cts", "common_fraction": -0.1}, "--common-fraction -0.1: must be a number in [0, 1]"),
+        ({"method": "cart", "rank_fraction": 0.0}, "--rank-fraction 0.0: must be a number in (0, 1]"),
+        ({"method": "dare", "seed": 1.5}, "--seed 1.5: must be an integer in [0, 9.22337e+18]"),
+        ({"method": "dare", "seed": -1}, "--seed -1: must be an integer in [0, 9.22337e+18]"),
+    ):
+        with pytest.raises(CoreMergeError) as error:
+            MergeOptions.create(**kwargs)
+        assert str(error.value) == message
