@@ -185,10 +185,12 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
     outputs = handlers.merge_and_compare("strings", rows, "ta", "core", 0.5, False, None, "upper: banana\\n\ndouble: eggs",
                                          lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
     table = outputs[1]
-    cells = [re.findall(r'<td class="cm-text">(.*?)</td>', row) for row in table.split("<tr>")[2:]]
+    cells = [[re.sub(r' <span class="cm-mark">.*', "", cell) for cell in re.findall(r'<td class="cm-text[^"]*">(.*?)</td>', row)]
+             for row in table.split("<tr>")[2:-1]]  # the last row: each column's exact match
     assert [row[0] for row in cells] == ["upper: banana", "double: eggs"]
-    header = re.findall(r"<th>(.*?)</th>", table)
-    assert header == ["prompt", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
+    header = re.findall(r"<th>(.*?)</th>", table)[:8]
+    assert header == ["prompt", "expected", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
+    assert [row[1] for row in cells] == ["<b>BANANA</b>", "<b>eeggggss</b>"]
     assert cells[0][header.index("Upper case")] == "BANANA"
     assert cells[1][header.index("Double letters")] == "eeggggss"
     assert not outputs[2]["visible"]  # no accuracy chart for text
