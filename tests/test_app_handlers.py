@@ -150,7 +150,7 @@ def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(f
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     needs_hub = "preset tinyllama-tasks needs the Hugging Face Hub: "
-    works = "; the bundled presets work offline: digits, strings"
+    works = "; the bundled presets work offline: digits, questions, strings"
     rows, description, base, prompts, method, space, alpha = handlers.show_preset("tinyllama-tasks")
     assert "needs the Hugging Face Hub" in description and prompts["visible"]
     assert base.startswith(f"⚠️ {needs_hub}") and base.endswith(works)
