@@ -150,7 +150,7 @@ def test_hub_presets_say_offline_that_they_need_the_hub_and_which_presets_work(f
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     needs_hub = "preset tinyllama-tasks needs the Hugging Face Hub: "
-    works = "; the bundled presets work offline: digits, strings"
+    works = "; the bundled presets work offline: digits, questions, strings"
     rows, description, base, prompts, method, space, alpha = handlers.show_preset("tinyllama-tasks")
     assert "needs the Hugging Face Hub" in description and prompts["visible"]
     assert base.startswith(f"⚠️ {needs_hub}") and base.endswith(works)
@@ -185,10 +185,12 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
     outputs = handlers.merge_and_compare("strings", rows, "ta", "core", 0.5, False, None, "upper: banana\\n\ndouble: eggs",
                                          lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
     table = outputs[1]
-    cells = [re.findall(r'<td class="cm-text">(.*?)</td>', row) for row in table.split("<tr>")[2:]]
+    cells = [[re.sub(r' <span class="cm-mark">.*', "", cell) for cell in re.findall(r'<td class="cm-text[^"]*">(.*?)</td>', row)]
+             for row in table.split("<tr>")[2:-1]]  # the last row: each column's exact match
     assert [row[0] for row in cells] == ["upper: banana", "double: eggs"]
-    header = re.findall(r"<th>(.*?)</th>", table)
-    assert header == ["prompt", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
+    header = re.findall(r"<th>(.*?)</th>", table)[:8]
+    assert header == ["prompt", "expected", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
+    assert [row[1] for row in cells] == ["<b>BANANA</b>", "<b>eeggggss</b>"]
     assert cells[0][header.index("Upper case")] == "BANANA"
     assert cells[1][header.index("Double letters")] == "eeggggss"
     assert not outputs[2]["visible"]  # no accuracy chart for text

@@ -50,3 +50,19 @@ def test_compare_text_switches_adapters_on_one_model_and_matches_separate_loads(
 
     page = text_html(comparison)
     assert page.count("<tr>") == 1 + len(PROMPTS) and "a somewhat longer prompt: xyz</td>" in page
+
+
+def test_expected_answers_mark_each_column_and_score_it():
+    from coremerge.comparison.side_by_side import TextComparison
+
+    comparison = TextComparison(["Base", "Adapter", "Merged"], ["even? 12\n", "even? 7\n", "free text\n"],
+                                [["", "yes", "yes"], ["", "no", "yes"], ["x", "y", "z"]], ["yes", "no", None])
+    assert [comparison.right(0, v) for v in range(3)] == [False, True, True]
+    assert comparison.right(2, 1) is None  # no expected answer: not marked
+    assert comparison.scores == [0.0, 1.0, 0.5]  # over the two prompts that have an expected answer
+    page = text_html(comparison)
+    assert "<th>expected</th>" in page and "exact match on these prompts" in page
+    assert "<th>0%</th><th>100%</th><th>50%</th>" in page
+    assert page.count("cm-right") - 1 == 3 and page.count("cm-wrong") - 1 == 3  # minus the style sheet's rule
+    plain = text_html(TextComparison(["Base"], ["free text\n"], [["x"]]))
+    assert "expected" not in plain and "exact match" not in plain and "cm-right\"" not in plain

@@ -197,5 +197,13 @@ class StringsEvaluator:
         prompts = [prompt if prompt.endswith("\n") else prompt + "\n" for prompt in prompts]
         return self._run(adapter, 1.0, lambda model: generate(model, self.tokenizer, prompts))
 
+    @staticmethod
+    def expected(prompt: str) -> Optional[str]:
+        """The right answer to `task: word` (a task of TASKS or `copy`, a lowercase word), else None."""
+        task, _, word = prompt.rstrip("\n").partition(": ")
+        if (task in TASKS or task == COPY.name) and word and set(word) <= set(string.ascii_lowercase):
+            return task_spec(task).solve(word)
+        return None
+
     def forget(self, adapter: str) -> None:
         forget_adapter(self, adapter)

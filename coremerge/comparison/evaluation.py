@@ -38,7 +38,12 @@ def evaluator_for(preset: Preset) -> Evaluator:
 
         return DigitsEvaluator(preset.base_model_path, {a.task: preset.resolve(a.source) for a in preset.adapters})
     if preset.kind == "text-generation":
+        from ..bundled import questions
         from ..bundled.strings import StringsEvaluator
+
+        tasks = [a.task for a in preset.adapters]
+        if set(tasks) <= set(questions.TASKS):
+            return questions.QuestionsEvaluator(preset.base_model_path, tasks=tasks)
 
         return StringsEvaluator(preset.base_model_path, tasks=[a.task for a in preset.adapters])
     raise CoreMergeError(f"preset {preset.name}: no evaluation for kind {preset.kind}")

@@ -45,6 +45,8 @@ class Classifier(Protocol):
 class Generator(Protocol):
     def generate(self, prompts: Sequence[str], adapter: Optional[str] = None) -> list[str]: ...
 
+    # Optional: `expected(prompt) -> Optional[str]`, the right answer to a prompt (bundled presets).
+
     def forget(self, adapter: str) -> None: ...
 
 
@@ -87,6 +89,22 @@ class TextComparison:
     variants: list[str]
     prompts: list[str]
     outputs: list[list[str]]  # prompt x variant
+    expected: Optional[list[Optional[str]]] = None  # per prompt, for presets whose prompts have one right answer
+
+    def right(self, prompt: int, variant: int) -> Optional[bool]:
+        """Whether a variant's answer (first line, stripped) is the expected one; None without an expected answer."""
+        want = self.expected[prompt] if self.expected else None
+        if want is None:
+            return None
+        return self.outputs[prompt][variant].split("\n")[0].strip() == want.split("\n")[0].strip()
+
+    @property
+    def scores(self) -> Optional[list[float]]:
+        """Each variant's exact match on the prompts that have an expected answer; None if none has."""
+        scored = [p for p in range(len(self.prompts)) if self.right(p, 0) is not None]
+        if not scored:
+            return None
+        return [sum(self.right(p, v) for p in scored) / len(scored) for v in range(len(self.variants))]
 
 
 def grayscale_pixels(path: str) -> torch.Tensor:
@@ -171,7 +189,8 @@ def compare_classification(runner: Classifier, images: Sequence[LabelledImage], 
 
 def compare_text(runner: Generator, prompts: Sequence[str], variants: Sequence[Variant],
                  progress: Progress = lambda stage: None) -> TextComparison:
-    """Every variant's answer to every prompt (greedy, so the same prompt gives the same answer)."""
+    """Every variant's answer to every prompt (greedy, so the same prompt gives the same answer), and the
+    expected answers when the runner knows them (`runner.expected(prompt)`, bundled presets)."""
     try:
         columns = []
         for variant in variants:
@@ -179,7 +198,9 @@ def compare_text(runner: Generator, prompts: Sequence[str], variants: Sequence[V
             columns.append(runner.generate(list(prompts), variant.adapter))
     finally:
         _unload_merged(runner, variants)
-    return TextComparison([v.name for v in variants], list(prompts), [list(row) for row in zip(*columns)])
+    expected = [runner.expected(p) for p in prompts] if hasattr(runner, "expected") else None
+    return TextComparison([v.name for v in variants], list(prompts), [list(row) for row in zip(*columns)],
+                          expected if expected and any(e is not None for e in expected) else None)
 
 
 def sample_images(folder: Path, samples) -> list[LabelledImage]:

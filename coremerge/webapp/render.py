@@ -57,14 +57,27 @@ def classification_html(comparison: ClassificationComparison) -> str:
 
 
 def text_html(comparison: TextComparison) -> str:
-    """One row per prompt, one column per variant."""
+    """One row per prompt, one column per variant; with expected answers, an `expected` column, right answers
+    green and wrong ones red, and each column's exact match on these prompts at the bottom."""
+    scores = comparison.scores
     rows = []
-    for prompt, outputs in zip(comparison.prompts, comparison.outputs):
+    for p, (prompt, outputs) in enumerate(zip(comparison.prompts, comparison.outputs)):
         cells = [f'<td class="cm-text">{html.escape(prompt.rstrip(chr(10)))}</td>']
-        cells += [f'<td class="cm-text">{html.escape(o)}</td>' for o in outputs]
+        if scores is not None:
+            cells.append(f'<td class="cm-text"><b>{html.escape(comparison.expected[p] or "")}</b></td>')
+        for v, output in enumerate(outputs):
+            right = comparison.right(p, v)
+            mark = "" if right is None else " cm-right" if right else " cm-wrong"
+            symbol = "" if right is None else f' <span class="cm-mark">{"✓" if right else "✗"}</span>'
+            cells.append(f'<td class="cm-text{mark}">{html.escape(output)}{symbol}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    first = ["prompt"] if scores is None else ["prompt", "expected"]
+    footer = ""
+    if scores is not None:
+        footer = ('<tr><th colspan="2">exact match on these prompts</th>'
+                  + "".join(f"<th>{score:.0%}</th>" for score in scores) + "</tr>")
     return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
-            f"{_header(comparison.variants, ['prompt'])}{''.join(rows)}</table>")
+            f"{_header(comparison.variants, first)}{''.join(rows)}{footer}</table>")
 
 
 THUMBNAIL = 256  # pixels, the longer side of a generated image on the page
