@@ -31,6 +31,11 @@ def build_app() -> gr.Blocks:
                     type="array", interactive=True, label="Adapters (one row each; add or remove rows)",
                     column_count=(3, "fixed"), row_count=(len(start_rows), "dynamic"),
                 )
+                with gr.Row():
+                    uploaded = gr.File(file_count="multiple", file_types=[".safetensors", ".json", ".zip"],
+                                       label=handlers.UPLOAD_LABEL, elem_id="uploads", scale=3)
+                    hub_token = gr.Textbox(label="Hub read token (optional)", type="password", elem_id="hub-token",
+                                           info=handlers.TOKEN_INFO, scale=2)
                 base_model = gr.Markdown(start_base)
                 prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
@@ -77,7 +82,7 @@ def build_app() -> gr.Blocks:
         method.change(handlers.show_method, method, [method_text, *parameters])
         go.click(
             handlers.merge_and_compare,
-            [preset, adapters, method, space, alpha, isotropize, rank, prompts, *parameters],
+            [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
             concurrency_limit=1, concurrency_id="merge",
         )

@@ -6,7 +6,7 @@ import time
 
 import pytest
 from huggingface_hub import constants
-from stand_in_hub import COMMIT, StandInHub, never_answering, refusing, serve
+from stand_in_hub import COMMIT, StandInHub, never_answering, point_hub_at, refusing, serve
 
 from coremerge.errors import AdapterFormatError, HubError
 from coremerge.formats.sources import parse_hub_id, resolve_hub, resolve_source
@@ -15,13 +15,7 @@ from coremerge.formats.sources import parse_hub_id, resolve_hub, resolve_source
 @pytest.fixture
 def online(monkeypatch):
     """huggingface_hub online, against whatever endpoint the test sets."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-    def endpoint(url: str) -> None:  # what HF_ENDPOINT sets at import
-        monkeypatch.setattr(constants, "ENDPOINT", url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-
-    return endpoint
+    return lambda url: point_hub_at(monkeypatch, url)
 
 
 @pytest.mark.parametrize("source, repo, revision, path", [

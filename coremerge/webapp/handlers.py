@@ -5,8 +5,10 @@ Bad input raises `gr.Error` with the library's one-line message; nothing else re
 
 import functools
 import logging
+import shutil
 import threading
 import traceback
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import gradio as gr
@@ -22,12 +24,17 @@ from .availability import require_available
 from .cache import ResultCache
 from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
+from .sources import scrub, trusted_sources
+from .uploads import unpack_uploads
 from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
                        prompts_from_text, run_merge, uses_preset_adapters, warm_up)
 
 log = logging.getLogger("coremerge.app")
 DEFAULT_PRESET = "digits"
-ADAPTER_COLUMNS = ["Hub ID or path", "Name", "Weight"]
+ADAPTER_COLUMNS = ["Hub ID, preset path or upload:file", "Name", "Weight"]
+UPLOAD_LABEL = "Upload LoRA files (each appears as a row upload:<file name>)"
+TOKEN_INFO = ("for your private or gated Hub adapters; used for this merge only, never stored or shown. Without it "
+              "Hub IDs are fetched with no token.")
 CACHE = ResultCache()
 
 
@@ -43,8 +50,13 @@ def _unique_parameters() -> list[Parameter]:
 PARAMETERS = _unique_parameters()
 
 
+INTERNAL_ERROR = ("the server could not finish this request; check the adapters and settings, or try a bundled "
+                  "preset (the details are in the server's log)")
+
+
 def user_errors(handler):
-    """CoreMergeError -> gr.Error with its message; anything else -> a short gr.Error, the traceback in the log."""
+    """CoreMergeError -> gr.Error with its message (server paths scrubbed); anything else -> one neutral line,
+    the traceback in the server's log. No class name or server path reaches the page."""
 
     @functools.wraps(handler)
     def wrapped(*args, **kwargs):
@@ -53,11 +65,10 @@ def user_errors(handler):
         except gr.Error:
             raise
         except CoreMergeError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # noqa: BLE001 - the page gets one line, the log the details
-            log.error("unexpected error in %s:\n%s", handler.__name__, traceback.format_exc())
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise gr.Error(f"unexpected {type(error).__name__}: {first}", print_exception=False) from None
+            raise gr.Error(scrub(" ".join(str(error).split())), print_exception=False) from None
+        except Exception:  # noqa: BLE001 - the page gets one neutral line, the log the details
+            log.error("error in %s:\n%s", handler.__name__, traceback.format_exc())
+            raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
 
     return wrapped
 
@@ -85,7 +96,7 @@ def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
         require_available(preset)
         adapters = load_adapters(sources)
     except CoreMergeError as error:
-        return f"⚠️ {error}"
+        return f"⚠️ {scrub(str(error))}"
     ranks = sorted({r for a in adapters for r in a.ranks.values()})
     modules = len({m for a in adapters for m in a.modules})
     rank_text = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
@@ -199,29 +210,43 @@ def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
 
 @user_errors
 def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
-                      rank: Optional[float], prompts_text: str, progress=gr.Progress(), *parameter_values):
+                      rank: Optional[float], prompts_text: str, hub_token: Optional[str] = None, uploaded=None,
+                      progress=gr.Progress(), *parameter_values):
     """The button: merge, explain and compare (cached by inputs); returns every result output and the cache key.
 
-    `parameter_values` are the method parameter controls' values, in the order of PARAMETERS.
+    `hub_token` is the visitor's Hub token (for their Hub IDs, this request only; never stored or shown);
+    `uploaded` the files of the upload control; `parameter_values` the method parameter controls' values, in the
+    order of PARAMETERS.
     """
     request = build_request(preset_name, table, method, space, alpha, isotropize, rank, prompts_text,
                             parameter_values)
-    key = request.key()
-    outcome = CACHE.get(key)
-    cached = outcome is not None
-    if outcome is None and uses_preset_adapters(request):
-        # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
-        require_available(request.preset, base_model=has_comparison(request.preset))
-    if outcome is None:
-        try:
-            with CACHE.workdir() as folder:
+    token = (hub_token or "").strip() or None
+    with CACHE.workdir() as folder:
+        uploads = unpack_uploads(uploaded, folder / "uploads")
+        trusted = trusted_sources([row.source for row in request.adapters], request.preset, uploads, token,
+                                  folder / "inputs")
+        request = replace(request, adapters=tuple(
+            replace(row, source=t.location, shown=t.shown, revision=t.revision)
+            for row, t in zip(request.adapters, trusted)))
+        key = request.key()
+        outcome = CACHE.get(key)
+        cached = outcome is not None
+        if cached:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            if uses_preset_adapters(request):
+                # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
+                require_available(request.preset, base_model=has_comparison(request.preset))
+            try:
                 outcome = run_merge_on_device(request, folder, progress)  # all three pickle (ZeroGPU)
-                outcome = CACHE.put(key, outcome, folder)
-        except HubError as error:
-            if request.preset.bundled:
-                raise
-            raise HubError(f"{error}. Preset {request.preset.name} needs the Hugging Face Hub; the bundled presets "
-                           f"({offline_presets()}) work offline") from None
+            except HubError as error:
+                if request.preset.bundled:
+                    raise HubError(scrub(str(error), trusted)) from None
+                raise HubError(f"{scrub(str(error), trusted)}. Preset {request.preset.name} needs the Hugging Face "
+                               f"Hub; the bundled presets ({offline_presets()}) work offline") from None
+            except CoreMergeError as error:
+                raise CoreMergeError(scrub(str(error), trusted)) from None
+            outcome = CACHE.put(key, outcome, folder)
     return (*merge_outputs(outcome, cached), key)
 
 
