@@ -62,9 +62,9 @@ def test_method_controls_follow_the_registry(method):
 def test_adapter_rows_skip_blank_rows_and_name_bad_cells():
     rows = handlers.adapter_rows([["org/a", "", ""], ["", "", None], ["./b/", "B", "0.5"]])
     assert [(r.source, r.name, r.weight) for r in rows] == [("org/a", "a", 1.0), ("./b/", "B", 0.5)]
-    with pytest.raises(ValueError, match=r"^adapter row 2: weight 'heavy' is not a number$"):
+    with pytest.raises(ValueError, match=r"^adapter row 2, weight: 'heavy' is not a number$"):
         handlers.adapter_rows([["org/a", "A", 1], ["org/b", "B", "heavy"]])
-    with pytest.raises(ValueError, match=r"^adapter row 1: no Hub ID or path$"):
+    with pytest.raises(ValueError, match=r"^adapter row 1: no source; give a Hub ID, a preset path or upload:file$"):
         handlers.adapter_rows([["", "A", 1]])
 
 
@@ -110,7 +110,7 @@ def test_identical_merges_are_cached_and_failures_leave_nothing_behind(fresh_cac
     assert len(fresh_cache.folders()) == 2 and not Path(first[7]).exists()
 
     assert app_error(merge, rows=THREE_ROWS + [["/nowhere/adapter", "X", 1.0]]) == str(refusal(4))
-    assert app_error(merge, method="ties", density=1.5) == "--density 1.5: must be a number in (0, 1]"
+    assert app_error(merge, method="ties", density=1.5) == "density: 1.5 is out of range; give a number in (0, 1]"
     assert len(fresh_cache.folders()) == 2
 
 

@@ -16,7 +16,7 @@ import spaces
 
 from ..comparison.plots import accuracy_chart, overlap_chart, spectra_chart
 from ..errors import CoreMergeError, HubError
-from ..formats.loading import load_adapters
+from ..formats.loading import load_adapter, load_adapters
 from ..merging.methods import METHODS, Parameter, get_method
 from ..merging.options import MergeOptions
 from ..presets import Preset, find_preset, list_presets
@@ -24,6 +24,7 @@ from .availability import require_available
 from .cache import ResultCache
 from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
+from . import validation
 from .sources import scrub, trusted_sources
 from .uploads import unpack_uploads
 from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
@@ -106,7 +107,7 @@ def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
 
 def preset_view(name: str) -> tuple[list[list], str, str, str, bool]:
     """A preset's adapter rows, description, base model line, prompts text and whether it uses prompts."""
-    preset = find_preset(name)
+    preset = find_preset(validation.preset_name(name))
     rows = [[a.source, a.name, a.weight] for a in preset.adapters]
     where = "bundled, works offline" if preset.bundled else "needs the Hugging Face Hub"
     description = f"**{preset.title}** ({preset.kind}, {where}). {preset.description}"
@@ -131,7 +132,7 @@ def method_info(method: str) -> str:
 @user_errors
 def show_method(method: str):
     """Method picked: its explanation, and only its parameters, set to its defaults."""
-    chosen = get_method(method)
+    chosen = get_method(validation.method_name(method))
     defaults = chosen.defaults()
     updates = [gr.update(visible=p.name in defaults, value=defaults.get(p.name, p.default)) for p in PARAMETERS]
     return (method_info(method), *updates)
@@ -140,33 +141,24 @@ def show_method(method: str):
 # Merge and compare
 
 
-def adapter_rows(table: Optional[Sequence[Sequence]]) -> tuple[AdapterRow, ...]:
-    """The adapter list's rows (blank rows skipped); raises CoreMergeError naming a bad cell."""
-    rows = []
-    for number, cells in enumerate(table or [], 1):
-        cells = ["" if c is None else str(c).strip() for c in list(cells) + ["", "", ""]][:3]
-        source, name, weight = cells
-        if not any(cells):
-            continue
-        if not source:
-            raise CoreMergeError(f"adapter row {number}: no Hub ID or path")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise CoreMergeError(f"adapter row {number}: weight {weight!r} is not a number") from None
-        rows.append(AdapterRow(source, name or source.rstrip("/").split("/")[-1], value))
-    return tuple(rows)
+def adapter_rows(table) -> tuple[AdapterRow, ...]:
+    """The adapter list's rows (blank rows skipped, an empty weight is 1); raises CoreMergeError naming a bad cell."""
+    return tuple(AdapterRow(row.source, row.name, row.weight) for row in validation.adapter_rows(table)[0])
 
 
 def build_request(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
                   rank: Optional[float], prompts_text: str, parameter_values: Sequence) -> MergeRequest:
-    preset = find_preset(preset_name)
+    """Every control's value checked (validation) and put together; raises CoreMergeError in the page's words."""
+    preset = find_preset(validation.preset_name(preset_name))
+    method = validation.method_name(method)
     takes = get_method(method).defaults()
-    params = {p.name: value for p, value in zip(PARAMETERS, parameter_values) if p.name in takes and value is not None}
-    options = MergeOptions.create(method=method, space=space, alpha=float(alpha), isotropize=bool(isotropize),
-                                  rank=int(rank) if rank else None, **params)
+    params = {p.name: validation.parameter_value(p, value) for p, value in zip(PARAMETERS, parameter_values)
+              if p.name in takes and value is not None and str(value).strip() != ""}
+    options = MergeOptions.create(method=method, space=validation.space_name(space),
+                                  alpha=validation.alpha_value(alpha), isotropize=isotropize is True,
+                                  rank=validation.rank_value(rank), **params)
     uses_prompts = preset.kind in ("text-generation", "image-generation")
-    prompts = prompts_from_text(prompts_text or "") if uses_prompts else ()
+    prompts = prompts_from_text(validation.text_block(prompts_text, "prompts")) if uses_prompts else ()
     return MergeRequest(preset, adapter_rows(table), options, prompts)
 
 
@@ -191,13 +183,14 @@ def gpu_seconds(request: MergeRequest, workdir, progress=None) -> int:
 run_merge_on_device = spaces.GPU(duration=gpu_seconds)(run_merge)  # a no-op off ZeroGPU
 
 
-def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
+def merge_outputs(outcome: MergeOutcome, cached: bool, notes: Sequence[str] = (), no_comparison: str = "") -> tuple:
     names = outcome.names
     comparison = outcome.comparison
     accuracy = getattr(comparison, "accuracy", None)
+    warnings = "".join(f"⚠️ {note}\n\n" for note in notes)
     return (
-        summary_markdown(outcome.report, comparison, outcome.seconds),
-        comparison_html(comparison),
+        warnings + summary_markdown(outcome.report, comparison, outcome.seconds),
+        comparison_html(comparison, no_comparison),
         gr.update(value=accuracy_chart(accuracy) if accuracy else None, visible=bool(accuracy)),
         report_markdown(outcome.report, outcome.seconds, names, cached, outcome.sources),
         rank_rows(outcome.report, names),
@@ -220,6 +213,9 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     """
     request = build_request(preset_name, table, method, space, alpha, isotropize, rank, prompts_text,
                             parameter_values)
+    notes = validation.adapter_rows(table)[1]
+    for note in notes:
+        gr.Warning(note)
     token = (hub_token or "").strip() or None
     with CACHE.workdir() as folder:
         uploads = unpack_uploads(uploaded, folder / "uploads")
@@ -228,15 +224,19 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
         request = replace(request, adapters=tuple(
             replace(row, source=t.location, shown=t.shown, revision=t.revision)
             for row, t in zip(request.adapters, trusted)))
+        if uses_preset_adapters(request):
+            # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
+            require_available(request.preset, base_model=has_comparison(request.preset))
+        try:
+            request = replace(request, no_comparison=_why_no_comparison(request, trusted))
+        except CoreMergeError as error:
+            raise CoreMergeError(scrub(str(error), trusted)) from None
         key = request.key()
         outcome = CACHE.get(key)
         cached = outcome is not None
         if cached:
             shutil.rmtree(folder, ignore_errors=True)
         else:
-            if uses_preset_adapters(request):
-                # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
-                require_available(request.preset, base_model=has_comparison(request.preset))
             try:
                 outcome = run_merge_on_device(request, folder, progress)  # all three pickle (ZeroGPU)
             except HubError as error:
@@ -247,7 +247,19 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
             except CoreMergeError as error:
                 raise CoreMergeError(scrub(str(error), trusted)) from None
             outcome = CACHE.put(key, outcome, folder)
-    return (*merge_outputs(outcome, cached), key)
+    return (*merge_outputs(outcome, cached, notes, request.no_comparison), key)
+
+
+def _why_no_comparison(request: MergeRequest, trusted) -> str:
+    """Load every row (exists, readable, one base model) before the merge; "" if the side by side can run on the
+    preset's model, else why not. Raises CoreMergeError naming a row that does not fit (the merge itself checks
+    that the rows fit each other)."""
+    adapters = [load_adapter(row.source) for row in request.adapters]
+    if not has_comparison(request.preset) or uses_preset_adapters(request):
+        return ""
+    preset = request.preset
+    reference = load_adapter(preset.adapter_sources[0]) if preset.bundled else None
+    return validation.fit_to_preset(preset, adapters, reference, [t.shown for t in trusted]) or ""
 
 
 @user_errors

@@ -52,6 +52,7 @@ class MergeRequest:
     adapters: tuple[AdapterRow, ...]
     options: MergeOptions
     prompts: tuple[str, ...] = ()  # text presets: the prompts to compare on
+    no_comparison: str = ""  # why the side by side is left out (adapters of another model); "" = compare
 
     def key(self) -> str:
         """Identical requests give identical results: the cache key."""
@@ -122,8 +123,8 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     seconds["explain"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    comparison = _compare(preset, sources, names, tasks, folder, request.prompts,
-                          lambda text: progress(0.45, desc=text))
+    comparison = None if request.no_comparison else _compare(preset, sources, names, tasks, folder, request.prompts,
+                                                             lambda text: progress(0.45, desc=text))
     seconds["compare"] = time.perf_counter() - clock
 
     progress(0.95, desc="writing the model card and the zip")
