@@ -79,6 +79,7 @@ def build_app() -> gr.Blocks:
         last_merge = gr.State(None)
 
         preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha])
+        uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
         method.change(handlers.show_method, method, [method_text, *parameters])
         go.click(
             handlers.merge_and_compare,

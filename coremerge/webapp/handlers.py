@@ -26,6 +26,8 @@ from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
 from . import validation
 from .sources import scrub, trusted_sources
+from .uploads import LIMITS_TEXT as UPLOAD_LIMITS
+from .uploads import _paths as uploads_paths
 from .uploads import unpack_uploads
 from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, default_prompts_text, has_comparison,
                        prompts_from_text, run_merge, uses_preset_adapters, warm_up)
@@ -263,6 +265,19 @@ def _why_no_comparison(request: MergeRequest, trusted) -> str:
 
 
 @user_errors
+def add_upload_rows(uploaded, table):
+    """Files uploaded: one row `upload:<file name>` each (a peft config goes with its weights, not in a row)."""
+    rows = [list(r) for r in (table if isinstance(table, (list, tuple)) else [])
+            if isinstance(r, (list, tuple)) and any(c not in (None, "") for c in r)]
+    have = {str(r[0]) for r in rows if r}
+    for path in uploads_paths(uploaded):
+        source = f"upload:{path.name}"
+        if path.name != "adapter_config.json" and source not in have:
+            rows.append([source, path.stem, 1.0])
+    return rows
+
+
+@user_errors
 def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> str:
     """Upload the merged adapter of this session's last merge; the token is used once and forgotten."""
     outcome = CACHE.get(key) if key else None
@@ -275,4 +290,4 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
                f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens, generated images "
                f"of up to {LIMITS.image_side} px and {LIMITS.steps} steps; sample images for classification come from "
-               "the preset.")
+               "the preset. " + UPLOAD_LIMITS)
