@@ -27,8 +27,8 @@ def build_app() -> gr.Blocks:
                 preset = gr.Dropdown(handlers.preset_choices(), value=start_preset, label="Preset")
                 description = gr.Markdown(start_description)
                 adapters = gr.Dataframe(
-                    value=start_rows, headers=handlers.ADAPTER_COLUMNS, datatype=["str", "str", "number"],
-                    type="array", interactive=True, label="Adapters (one row each; add or remove rows)",
+                    value=start_rows, headers=handlers.ADAPTER_COLUMNS, datatype=["str", "str", "str"],
+                    type="array", interactive=True, label="Adapters (one row each; add or remove rows; an empty weight is 1)",
                     column_count=(3, "fixed"), row_count=(len(start_rows), "dynamic"),
                 )
                 with gr.Row():
