@@ -46,10 +46,7 @@ def number(value, what: str, low: float, high: float, *, low_exclusive: bool = F
 
 def text_cell(value, what: str) -> str:
     """A table cell as printable text, stripped; raises CoreMergeError for control characters or a long cell."""
-    text = "" if value is None else str(value)
-    if isinstance(value, float) and math.isnan(value):
-        text = ""
-    text = text.strip()
+    text = ("" if value is None else str(value)).strip()
     if len(text) > MAX_CELL:
         raise CoreMergeError(f"{what}: {len(text)} characters; at most {MAX_CELL}")
     if any(not c.isprintable() for c in text):
