@@ -27,10 +27,15 @@ def build_app() -> gr.Blocks:
                 preset = gr.Dropdown(handlers.preset_choices(), value=start_preset, label="Preset")
                 description = gr.Markdown(start_description)
                 adapters = gr.Dataframe(
-                    value=start_rows, headers=handlers.ADAPTER_COLUMNS, datatype=["str", "str", "number"],
-                    type="array", interactive=True, label="Adapters (one row each; add or remove rows)",
+                    value=start_rows, headers=handlers.ADAPTER_COLUMNS, datatype=["str", "str", "str"],
+                    type="array", interactive=True, label="Adapters (one row each; add or remove rows; an empty weight is 1)",
                     column_count=(3, "fixed"), row_count=(len(start_rows), "dynamic"),
                 )
+                with gr.Row():
+                    uploaded = gr.File(file_count="multiple", file_types=[".safetensors", ".json", ".zip"],
+                                       label=handlers.UPLOAD_LABEL, elem_id="uploads", scale=3)
+                    hub_token = gr.Textbox(label="Hub read token (optional)", type="password", elem_id="hub-token",
+                                           info=handlers.TOKEN_INFO, scale=2)
                 base_model = gr.Markdown(start_base)
                 prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
@@ -74,10 +79,11 @@ def build_app() -> gr.Blocks:
         last_merge = gr.State(None)
 
         preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha])
+        uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
         method.change(handlers.show_method, method, [method_text, *parameters])
         go.click(
             handlers.merge_and_compare,
-            [preset, adapters, method, space, alpha, isotropize, rank, prompts, *parameters],
+            [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
             concurrency_limit=1, concurrency_id="merge",
         )

@@ -63,12 +63,13 @@ def test_image_grid_and_a_diffusers_download(image_preset, tmp_path):
     assert comparison_html(grid).count('class="cm-generated"') == 8
 
     assert outcome.report["output_format"] == "diffusers"
-    folder = tmp_path / "download"
-    zipfile.ZipFile(outcome.zip_path).extractall(folder)
+    zipfile.ZipFile(outcome.zip_path).extractall(tmp_path / "download")
+    folder = tmp_path / "download" / "merged-adapter"  # the folder the snippet loads
     assert {p.name for p in folder.iterdir()} == {"pytorch_lora_weights.safetensors", "merge_report.json", "README.md"}
     assert "library_name: diffusers" in (folder / "README.md").read_text()
     # the "use it in code" snippet loads the download into the pipeline (the prompt line is left out: no generation)
     code = "\n".join(line for line in outcome.snippet.splitlines() if not line.startswith("image = "))
     namespace = {}
+    code = code.replace(f'"presets/{image_preset.base_model}"', repr(str(image_preset.folder / image_preset.base_model)))
     exec(code.replace('"merged-adapter"', repr(str(folder))), namespace)
     assert any(namespace["pipe"].get_list_adapters().values())

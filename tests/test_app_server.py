@@ -9,7 +9,9 @@ from gradio_client.exceptions import AppError
 
 from coremerge.bundled.digits import load_backbone
 from coremerge.presets import find_preset
+from coremerge.webapp import handlers
 from coremerge.webapp.handlers import PARAMETERS
+from coremerge.webapp.sources import refusal
 
 from conftest import peft_deltas
 
@@ -17,11 +19,11 @@ DIGITS = find_preset("digits")
 
 
 def table(rows):
-    return {"headers": ["Hub ID or path", "Name", "Weight"], "data": rows, "metadata": None}
+    return {"headers": handlers.ADAPTER_COLUMNS, "data": rows, "metadata": None}
 
 
 def merge(client: Client, rows, method="ta", alpha=0.4):
-    return client.predict("digits", table(rows), method, "core", alpha, False, None, "",
+    return client.predict("digits", table(rows), method, "core", alpha, False, None, "", "", None,
                           *[p.default for p in PARAMETERS], api_name="/merge_and_compare")
 
 
@@ -38,8 +40,8 @@ def test_default_preset_merge_compare_and_download_through_the_server(app_server
     assert spectra["type"] == "matplotlib" and overlap["type"] == "matplotlib"
     assert len(ranks["data"]) == 24 and "| merging |" in report
 
-    folder = tmp_path / "download"
-    zipfile.ZipFile(zip_path).extractall(folder)
+    zipfile.ZipFile(zip_path).extractall(tmp_path / "download")
+    folder = tmp_path / "download" / "merged-adapter"
     base_model = load_backbone(DIGITS.folder / "digits" / "base")
     merged = peft_deltas(base_model, folder)
     inputs = [peft_deltas(base_model, DIGITS.resolve(source)) for source, _, _ in rows["data"]]
@@ -52,7 +54,7 @@ def test_bad_input_is_one_message_and_the_server_keeps_serving(app_server):
     rows = [[a.source, a.name, a.weight] for a in DIGITS.adapters[:2]]
     with pytest.raises(AppError) as error:
         merge(client, rows + [["/nowhere/adapter", "X", 1]])
-    assert str(error.value) == "/nowhere/adapter: no such file or folder (and not a Hub ID like org/name)"
+    assert str(error.value) == str(refusal(3))  # the same for any path outside the preset's folder
     assert "Merged 2 adapters" in merge(client, rows)[0]
 
 

@@ -129,7 +129,7 @@ def test_tinyllama_tasks_merge_side_by_side_and_download(hub_cache, tmp_path):
 
     rows, _, _, prompts_text, _ = handlers.preset_view(TINYLLAMA.name)
     values = [p.default for p in handlers.PARAMETERS]
-    outputs = handlers.merge_and_compare(TINYLLAMA.name, rows, "tsv", "core", 1.0, False, None, prompts_text,
+    outputs = handlers.merge_and_compare(TINYLLAMA.name, rows, "tsv", "core", 1.0, False, None, prompts_text, None, None,
                                          lambda fraction, desc=None: None, *values)
     summary, table, *_, zip_path, snippet, key = outputs
 
@@ -209,7 +209,7 @@ def test_diffusion_presets_merge_side_by_side_and_download(name, hub_cache, tmp_
     rows, _, _, prompts_text, uses_prompts = handlers.preset_view(name)
     assert uses_prompts
     values = [p.default for p in handlers.PARAMETERS]
-    outputs = handlers.merge_and_compare(name, rows, "ta", "core", 1.0, False, None, prompts_text,
+    outputs = handlers.merge_and_compare(name, rows, "ta", "core", 1.0, False, None, prompts_text, None, None,
                                          lambda fraction, desc=None: None, *values)
     summary, grid_html, *_, zip_path, snippet, key = outputs
     runner = runners.runner_for(name, preset.folder)
@@ -263,7 +263,7 @@ def test_knots_vit_b32_merges_offline_and_the_download_is_the_sum_of_the_eight(h
     base, folders = knots_standin(preset, hub_cache.parent, hub_cache)
     rows, *_ = handlers.preset_view(preset.name)
     values = [p.default for p in handlers.PARAMETERS]
-    outputs = handlers.merge_and_compare(preset.name, rows, "ta", "core", 1.0, False, None, "",
+    outputs = handlers.merge_and_compare(preset.name, rows, "ta", "core", 1.0, False, None, "", None, None,
                                          lambda fraction, desc=None: None, *values)
     zip_path = outputs[7]
     assert 'id="cm-no-comparison"' in outputs[1]

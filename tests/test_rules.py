@@ -176,7 +176,7 @@ def fresh_cache(tmp_path, monkeypatch) -> ResultCache:
 def app_error(prompts_text, preset="strings") -> str:
     rows = [[a.source, a.name, 1.0] for a in find_preset(preset).adapters[:2]]
     with pytest.raises(gr.Error) as error:
-        handlers.merge_and_compare(preset, rows, "ta", "core", 1.0, False, None, prompts_text,
+        handlers.merge_and_compare(preset, rows, "ta", "core", 1.0, False, None, prompts_text, None, None,
                                    lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
     return error.value.message
 

@@ -5,8 +5,10 @@ Bad input raises `gr.Error` with the library's one-line message; nothing else re
 
 import functools
 import logging
+import shutil
 import threading
 import traceback
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import gradio as gr
@@ -14,7 +16,7 @@ import spaces
 
 from ..comparison.plots import accuracy_chart, overlap_chart, spectra_chart
 from ..errors import CoreMergeError, HubError
-from ..formats.loading import load_adapters
+from ..formats.loading import load_adapter, load_adapters
 from ..merging.methods import METHODS, Parameter, get_method
 from ..merging.options import MergeOptions
 from ..presets import Preset, find_preset, list_presets
@@ -22,12 +24,20 @@ from .availability import require_available
 from .cache import ResultCache
 from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
+from . import validation
+from .sources import scrub, trusted_sources
+from .uploads import LIMITS_TEXT as UPLOAD_LIMITS
+from .uploads import _paths as uploads_paths
+from .uploads import unpack_uploads
 from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, comparison_seconds, default_prompts_text,
                        has_comparison, prompts_from_text, run_comparison, run_merge, uses_preset_adapters, warm_up)
 
 log = logging.getLogger("coremerge.app")
 DEFAULT_PRESET = "digits"
-ADAPTER_COLUMNS = ["Hub ID or path", "Name", "Weight"]
+ADAPTER_COLUMNS = ["Hub ID, preset path or upload:file", "Name", "Weight"]
+UPLOAD_LABEL = "Upload LoRA files (each appears as a row upload:<file name>)"
+TOKEN_INFO = ("for your private or gated Hub adapters; used for this merge only, never stored or shown. Without it "
+              "Hub IDs are fetched with no token.")
 CACHE = ResultCache()
 
 
@@ -43,8 +53,13 @@ def _unique_parameters() -> list[Parameter]:
 PARAMETERS = _unique_parameters()
 
 
+INTERNAL_ERROR = ("the server could not finish this request; check the adapters and settings, or try a bundled "
+                  "preset (the details are in the server's log)")
+
+
 def user_errors(handler):
-    """CoreMergeError -> gr.Error with its message; anything else -> a short gr.Error, the traceback in the log."""
+    """CoreMergeError -> gr.Error with its message (server paths scrubbed); anything else -> one neutral line,
+    the traceback in the server's log. No class name or server path reaches the page."""
 
     @functools.wraps(handler)
     def wrapped(*args, **kwargs):
@@ -53,11 +68,10 @@ def user_errors(handler):
         except gr.Error:
             raise
         except CoreMergeError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # noqa: BLE001 - the page gets one line, the log the details
-            log.error("unexpected error in %s:\n%s", handler.__name__, traceback.format_exc())
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise gr.Error(f"unexpected {type(error).__name__}: {first}", print_exception=False) from None
+            raise gr.Error(scrub(" ".join(str(error).split())), print_exception=False) from None
+        except Exception:  # noqa: BLE001 - the page gets one neutral line, the log the details
+            log.error("error in %s:\n%s", handler.__name__, traceback.format_exc())
+            raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
 
     return wrapped
 
@@ -85,7 +99,7 @@ def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
         require_available(preset)
         adapters = load_adapters(sources)
     except CoreMergeError as error:
-        return f"⚠️ {error}"
+        return f"⚠️ {scrub(str(error))}"
     ranks = sorted({r for a in adapters for r in a.ranks.values()})
     modules = len({m for a in adapters for m in a.modules})
     rank_text = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
@@ -95,7 +109,7 @@ def describe_adapters(preset: Preset, sources: Sequence[str]) -> str:
 
 def preset_view(name: str) -> tuple[list[list], str, str, str, bool]:
     """A preset's adapter rows, description, base model line, prompts text and whether it uses prompts."""
-    preset = find_preset(name)
+    preset = find_preset(validation.preset_name(name))
     rows = [[a.source, a.name, a.weight] for a in preset.adapters]
     where = "bundled, works offline" if preset.bundled else "needs the Hugging Face Hub"
     description = f"**{preset.title}** ({preset.kind}, {where}). {preset.description}"
@@ -120,7 +134,7 @@ def method_info(method: str) -> str:
 @user_errors
 def show_method(method: str):
     """Method picked: its explanation, and only its parameters, set to its defaults."""
-    chosen = get_method(method)
+    chosen = get_method(validation.method_name(method))
     defaults = chosen.defaults()
     updates = [gr.update(visible=p.name in defaults, value=defaults.get(p.name, p.default)) for p in PARAMETERS]
     return (method_info(method), *updates)
@@ -129,33 +143,24 @@ def show_method(method: str):
 # Merge and compare
 
 
-def adapter_rows(table: Optional[Sequence[Sequence]]) -> tuple[AdapterRow, ...]:
-    """The adapter list's rows (blank rows skipped); raises CoreMergeError naming a bad cell."""
-    rows = []
-    for number, cells in enumerate(table or [], 1):
-        cells = ["" if c is None else str(c).strip() for c in list(cells) + ["", "", ""]][:3]
-        source, name, weight = cells
-        if not any(cells):
-            continue
-        if not source:
-            raise CoreMergeError(f"adapter row {number}: no Hub ID or path")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise CoreMergeError(f"adapter row {number}: weight {weight!r} is not a number") from None
-        rows.append(AdapterRow(source, name or source.rstrip("/").split("/")[-1], value))
-    return tuple(rows)
+def adapter_rows(table) -> tuple[AdapterRow, ...]:
+    """The adapter list's rows (blank rows skipped, an empty weight is 1); raises CoreMergeError naming a bad cell."""
+    return tuple(AdapterRow(row.source, row.name, row.weight) for row in validation.adapter_rows(table)[0])
 
 
 def build_request(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
                   rank: Optional[float], prompts_text: str, parameter_values: Sequence) -> MergeRequest:
-    preset = find_preset(preset_name)
+    """Every control's value checked (validation) and put together; raises CoreMergeError in the page's words."""
+    preset = find_preset(validation.preset_name(preset_name))
+    method = validation.method_name(method)
     takes = get_method(method).defaults()
-    params = {p.name: value for p, value in zip(PARAMETERS, parameter_values) if p.name in takes and value is not None}
-    options = MergeOptions.create(method=method, space=space, alpha=float(alpha), isotropize=bool(isotropize),
-                                  rank=int(rank) if rank else None, **params)
+    params = {p.name: validation.parameter_value(p, value) for p, value in zip(PARAMETERS, parameter_values)
+              if p.name in takes and value is not None and str(value).strip() != ""}
+    options = MergeOptions.create(method=method, space=validation.space_name(space),
+                                  alpha=validation.alpha_value(alpha), isotropize=isotropize is True,
+                                  rank=validation.rank_value(rank), **params)
     uses_prompts = preset.kind in ("text-generation", "image-generation")
-    prompts = prompts_from_text(prompts_text or "") if uses_prompts else ()
+    prompts = prompts_from_text(validation.text_block(prompts_text, "prompts")) if uses_prompts else ()
     return MergeRequest(preset, adapter_rows(table), options, prompts)
 
 
@@ -177,13 +182,14 @@ def warm_up_in_background(preset_name: str) -> threading.Thread:
 compare_on_gpu = spaces.GPU(duration=comparison_seconds)(user_errors(run_comparison))
 
 
-def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
+def merge_outputs(outcome: MergeOutcome, cached: bool, notes: Sequence[str] = (), no_comparison: str = "") -> tuple:
     names = outcome.names
     comparison = outcome.comparison
     accuracy = getattr(comparison, "accuracy", None)
+    warnings = "".join(f"⚠️ {note}\n\n" for note in notes)
     return (
-        summary_markdown(outcome.report, comparison, outcome.seconds),
-        comparison_html(comparison),
+        warnings + summary_markdown(outcome.report, comparison, outcome.seconds),
+        comparison_html(comparison, no_comparison),
         gr.update(value=accuracy_chart(accuracy) if accuracy else None, visible=bool(accuracy)),
         report_markdown(outcome.report, outcome.seconds, names, cached, outcome.sources),
         rank_rows(outcome.report, names),
@@ -196,30 +202,76 @@ def merge_outputs(outcome: MergeOutcome, cached: bool) -> tuple:
 
 @user_errors
 def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: float, isotropize: bool,
-                      rank: Optional[float], prompts_text: str, progress=gr.Progress(), *parameter_values):
+                      rank: Optional[float], prompts_text: str, hub_token: Optional[str] = None, uploaded=None,
+                      progress=gr.Progress(), *parameter_values):
     """The button: merge, explain and compare (cached by inputs); returns every result output and the cache key.
 
-    `parameter_values` are the method parameter controls' values, in the order of PARAMETERS.
+    `hub_token` is the visitor's Hub token (for their Hub IDs, this request only; never stored or shown);
+    `uploaded` the files of the upload control; `parameter_values` the method parameter controls' values, in the
+    order of PARAMETERS.
     """
     request = build_request(preset_name, table, method, space, alpha, isotropize, rank, prompts_text,
                             parameter_values)
-    key = request.key()
-    outcome = CACHE.get(key)
-    cached = outcome is not None
-    if outcome is None and uses_preset_adapters(request):
-        # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
-        require_available(request.preset, base_model=has_comparison(request.preset))
-    if outcome is None:
+    notes = validation.adapter_rows(table)[1]
+    for note in notes:
+        gr.Warning(note)
+    token = (hub_token or "").strip() or None
+    with CACHE.workdir() as folder:
+        uploads = unpack_uploads(uploaded, folder / "uploads")
+        trusted = trusted_sources([row.source for row in request.adapters], request.preset, uploads, token,
+                                  folder / "inputs")
+        request = replace(request, adapters=tuple(
+            replace(row, source=t.location, shown=t.shown, revision=t.revision)
+            for row, t in zip(request.adapters, trusted)))
+        if uses_preset_adapters(request):
+            # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
+            require_available(request.preset, base_model=has_comparison(request.preset))
         try:
-            with CACHE.workdir() as folder:
+            request = replace(request, no_comparison=_why_no_comparison(request, trusted))
+        except CoreMergeError as error:
+            raise CoreMergeError(scrub(str(error), trusted)) from None
+        key = request.key()
+        outcome = CACHE.get(key)
+        cached = outcome is not None
+        if cached:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            try:
                 outcome = run_merge(request, folder, progress, compare=compare_on_gpu)
-                outcome = CACHE.put(key, outcome, folder)
-        except HubError as error:
-            if request.preset.bundled:
-                raise
-            raise HubError(f"{error}. Preset {request.preset.name} needs the Hugging Face Hub; the bundled presets "
-                           f"({offline_presets()}) work offline") from None
-    return (*merge_outputs(outcome, cached), key)
+            except HubError as error:
+                if request.preset.bundled:
+                    raise HubError(scrub(str(error), trusted)) from None
+                raise HubError(f"{scrub(str(error), trusted)}. Preset {request.preset.name} needs the Hugging Face "
+                               f"Hub; the bundled presets ({offline_presets()}) work offline") from None
+            except CoreMergeError as error:
+                raise CoreMergeError(scrub(str(error), trusted)) from None
+            outcome = CACHE.put(key, outcome, folder)
+    return (*merge_outputs(outcome, cached, notes, request.no_comparison), key)
+
+
+def _why_no_comparison(request: MergeRequest, trusted) -> str:
+    """Load every row (exists, readable, one base model) before the merge; "" if the side by side can run on the
+    preset's model, else why not. Raises CoreMergeError naming a row that does not fit (the merge itself checks
+    that the rows fit each other)."""
+    adapters = [load_adapter(row.source) for row in request.adapters]
+    if not has_comparison(request.preset) or uses_preset_adapters(request):
+        return ""
+    preset = request.preset
+    reference = load_adapter(preset.adapter_sources[0]) if preset.bundled else None
+    return validation.fit_to_preset(preset, adapters, reference, [t.shown for t in trusted]) or ""
+
+
+@user_errors
+def add_upload_rows(uploaded, table):
+    """Files uploaded: one row `upload:<file name>` each (a peft config goes with its weights, not in a row)."""
+    rows = [list(r) for r in (table if isinstance(table, (list, tuple)) else [])
+            if isinstance(r, (list, tuple)) and any(c not in (None, "") for c in r)]
+    have = {str(r[0]) for r in rows if r}
+    for path in uploads_paths(uploaded):
+        source = f"upload:{path.name}"
+        if path.name != "adapter_config.json" and source not in have:
+            rows.append([source, path.stem, 1.0])
+    return rows
 
 
 @user_errors
@@ -235,4 +287,4 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
                f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens, generated images "
                f"of up to {LIMITS.image_side} px and {LIMITS.steps} steps; sample images for classification come from "
-               "the preset.")
+               "the preset. " + UPLOAD_LIMITS)

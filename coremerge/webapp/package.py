@@ -71,5 +71,7 @@ def write_model_card(folder: Path, card: str) -> None:
 
 
 def zip_folder(folder: Path, destination: Path) -> Path:
-    """`destination`.zip holding the folder's files at its top level; returns the zip's path."""
-    return Path(shutil.make_archive(str(Path(destination).with_suffix("")), "zip", root_dir=folder))
+    """`destination`.zip holding the folder itself (the name the snippet loads); returns the zip's path."""
+    folder = Path(folder)
+    return Path(shutil.make_archive(str(Path(destination).with_suffix("")), "zip", root_dir=folder.parent,
+                                    base_dir=folder.name))

@@ -104,15 +104,18 @@ def image_grid_html(grid: ImageGrid) -> str:
             f"{_header(list(grid.variants), ['prompt'])}{''.join(rows)}</table>")
 
 
-def comparison_html(comparison) -> str:
+def comparison_html(comparison, why_not: str = "") -> str:
     if comparison is None:
-        return ('<p id="cm-no-comparison">No side-by-side comparison for this preset yet: the merged adapter, its '
-                "report and the download are ready.</p>")
+        return f'<p id="cm-no-comparison">{html.escape(why_not or NO_COMPARISON_YET)}</p>'
     if isinstance(comparison, ClassificationComparison):
         return classification_html(comparison)
     if isinstance(comparison, ImageGrid):
         return image_grid_html(comparison)
     return text_html(comparison)
+
+
+NO_COMPARISON_YET = ("No side-by-side comparison for this preset yet: the merged adapter, its report and the download "
+                     "are ready.")
 
 
 def _megabytes(n: int) -> str:

@@ -23,6 +23,7 @@ from ..merging.options import MergeOptions
 from ..merging.to_folder import merge_to_folder
 from ..presets import Preset
 from .package import code_snippet, model_card, write_model_card, zip_folder
+from .portable import portable_report
 
 
 class Progress(Protocol):
@@ -42,6 +43,8 @@ class AdapterRow:
     source: str  # Hub ID, or a path (relative paths start at the preset file)
     name: str
     weight: float = 1.0
+    shown: str = ""  # the source as the visitor gave it, if `source` is where the app put it (webapp.sources)
+    revision: Optional[str] = None  # the commit of a Hub ID the app downloaded
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class MergeRequest:
     adapters: tuple[AdapterRow, ...]
     options: MergeOptions
     prompts: tuple[str, ...] = ()  # text presets: the prompts to compare on
+    no_comparison: str = ""  # why the side by side is left out (adapters of another model); "" = compare
 
     def key(self) -> str:
         """Identical requests give identical results: the cache key."""
@@ -117,6 +121,8 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     folder = Path(workdir) / "merged-adapter"
     report = merge_to_folder(sources, options, folder,
                              lambda done, total: progress(0.3 * done / total, desc=f"merging module {done}/{total}"))
+    shown = [row.shown or row.source.strip() for row in rows]
+    report = portable_report(report, sources, shown, [row.revision for row in rows], folder)
     seconds["merge"] = time.perf_counter() - started
 
     progress(0.3, desc="computing spectra and subspace overlaps")
@@ -125,7 +131,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     seconds["explain"] = time.perf_counter() - clock
 
     comparison = None
-    if has_comparison(preset):
+    if has_comparison(preset) and not request.no_comparison:
         progress(0.4, desc=f"loading {preset.base_model} (once per preset)")
         clock = time.perf_counter()
         # The lock is held across the GPU call: a worker forked meanwhile must not find it taken by another thread.
@@ -140,7 +146,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
 
     progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
-    base_path = preset.base_model_path if preset.bundled else None
+    base_path = f"presets/{preset.base_model}" if preset.bundled else None  # in coremerge's repository
     snippet = code_snippet(report, "merged-adapter", preset.kind, base_path or preset.base_model)
     write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if uses_preset_adapters(request)
                                         else "Merged LoRA adapter", snippet))
@@ -148,13 +154,13 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
     seconds["package"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     progress(1.0, desc="done")
-    return MergeOutcome(report, names, [row.source.strip() for row in rows], comparison, insights, folder, zip_path,
+    return MergeOutcome(report, names, shown, comparison, insights, folder, zip_path,
                         snippet, {k: round(v, 3) for k, v in seconds.items()})
 
 
 def uses_preset_adapters(request: MergeRequest) -> bool:
     """The rows are exactly the preset's own adapters (in its order)."""
-    return [row.source for row in request.adapters] == [a.source for a in request.preset.adapters]
+    return [row.shown or row.source for row in request.adapters] == [a.source for a in request.preset.adapters]
 
 
 def _tasks_of(preset: Preset, sources: Sequence[str]) -> list[Optional[str]]:
