@@ -62,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
-    merge.add_argument("--preset", metavar="NAME", help="merge a preset's adapters (with its weights) instead")
+    merge.add_argument("--preset", metavar="NAME",
+                       help="merge a preset's adapters (with its weights) instead, with the preset's merge settings "
+                            "(method, space, alpha) where no flag gives them")
     merge.add_argument("--output", required=True, metavar="DIR", help="folder to write the adapter to")
-    merge.add_argument("--method", default="tsv", choices=list(METHODS), help="merge method (default tsv)")
-    merge.add_argument("--space", default="core", choices=SPACES, help="merge space (default core)")
+    merge.add_argument("--method", choices=list(METHODS), help="merge method (default tsv, or the preset's)")
+    merge.add_argument("--space", choices=SPACES, help="merge space (default core, or the preset's)")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per SOURCE (default 1)")
-    merge.add_argument("--alpha", type=float, default=1.0, help="global scale of the merged update (default 1)")
+    merge.add_argument("--alpha", type=float,
+                       help="global scale of the merged update (default 1, or the preset's alpha for its method)")
     for name, p in method_parameter_flags().items():
         takers = ", ".join(m.name for m in METHODS.values() if any(q.name == name for q in m.parameters))
         defaults = " / ".join(dict.fromkeys(f"{q.default:g}" for m in METHODS.values() for q in m.parameters
@@ -90,6 +93,18 @@ def sources_and_weights(args: argparse.Namespace) -> tuple[list[str], Optional[l
     return preset.adapter_sources, args.weights or [a.weight for a in preset.adapters]
 
 
+def fill_merge_settings(args: argparse.Namespace) -> None:
+    """--method, --space and --alpha not given: the preset's merge settings with --preset, else tsv, core, 1.
+
+    A preset's alpha was chosen on validation for its own method, so it applies only when that method is used.
+    """
+    chosen = find_preset(args.preset).merge if args.preset is not None else None
+    args.method = args.method or (chosen.method if chosen else "tsv")
+    args.space = args.space or (chosen.space if chosen else "core")
+    if args.alpha is None:
+        args.alpha = chosen.alpha if chosen and chosen.method == args.method else 1.0
+
+
 def options_from_args(args: argparse.Namespace, weights: Optional[list[float]]) -> MergeOptions:
     params = {name: getattr(args, name) for name in method_parameter_flags() if getattr(args, name) is not None}
     return MergeOptions.create(
@@ -109,6 +124,7 @@ def run_merge(args: argparse.Namespace) -> None:
 
     try:
         sources, weights = sources_and_weights(args)
+        fill_merge_settings(args)
         report = merge_to_folder(sources, options_from_args(args, weights), args.output, progress)
     finally:
         if bar is not None:

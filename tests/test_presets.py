@@ -96,3 +96,29 @@ def test_cli_merges_a_preset(tmp_path, capsys):
         main(["merge", "--preset", "nope", "--output", str(tmp_path / "x")])
     assert exited.value.code == 2
     assert capsys.readouterr().err.startswith("coremerge: error: --preset nope: no such preset; choose one of digits")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("tsv", "core", 0.7)),  # digits' merge block: tsv, core, alpha 0.7 chosen on validation
+    (["--alpha", "0.3"], ("tsv", "core", 0.3)),  # a flag wins over the preset
+    (["--space", "full"], ("tsv", "full", 0.7)),
+    (["--method", "ta"], ("ta", "core", 1.0)),  # the preset's alpha was chosen for tsv, not for ta
+    (["--method", "ta", "--alpha", "0.5"], ("ta", "core", 0.5)),
+])
+def test_cli_preset_merges_with_the_preset_settings_unless_flags_say_otherwise(tmp_path, flags, expected):
+    from coremerge.cli import main
+
+    assert find_preset("digits").merge.model_dump() == {"method": "tsv", "space": "core", "alpha": 0.7}
+    out = tmp_path / "out"
+    assert main(["merge", "--preset", "digits", *flags, "--output", str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert (report["method"], report["space"], report["alpha"]) == expected
+
+
+def test_cli_without_a_preset_keeps_its_defaults(adapters, tmp_path):
+    from coremerge.cli import main
+
+    out = tmp_path / "out"
+    assert main(["merge", str(adapters["plain"]), str(adapters["named"]), "--output", str(out)]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert (report["method"], report["space"], report["alpha"]) == ("tsv", "core", 1.0)

@@ -135,11 +135,14 @@ def test_base_and_adapters_reproduce_the_recorded_figures(plain, rows, recorded)
 
 
 def test_cli_merge_with_the_preset_settings_meets_the_targets(raw, rows, recorded, tmp_path):
-    """`python -m coremerge merge --preset questions` with the YAML's merge settings, scored on every test row."""
-    merge = raw["merge"]
-    subprocess.run([sys.executable, "-m", "coremerge", "merge", "--preset", "questions", "--method", merge["method"],
-                    "--space", merge["space"], "--alpha", str(merge["alpha"]), "--output", str(tmp_path / "merged")],
+    """`python -m coremerge merge --preset questions` (which takes the YAML's merge settings), scored on every test
+    row."""
+    subprocess.run([sys.executable, "-m", "coremerge", "merge", "--preset", "questions",
+                    "--output", str(tmp_path / "merged")],
                    check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    chosen = raw["merge"]
+    assert (report["method"], report["space"], report["alpha"]) == (chosen["method"], chosen["space"], chosen["alpha"])
     tokenizer = AutoTokenizer.from_pretrained(str(FOLDER / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(FOLDER / "base"), dtype=torch.float32).eval()
     model = PeftModel.from_pretrained(base, str(tmp_path / "merged")).eval()
