@@ -14,8 +14,8 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from test_diffusion import expect_error, module_weight
-from tiny_diffusion import add_lora, tiny_tokenizer
+from test_diffusion import expect_error, module_weight, one_torch_thread, tokenizer  # noqa: F401 (fixtures)
+from tiny_diffusion import add_lora
 from tiny_dit import (KOHYA_DOUBLE, KOHYA_SINGLE, dit_deltas, fused_shapes, split_updates, tiny_flux,
                       write_kohya_flux)
 
@@ -32,18 +32,6 @@ DIFFUSERS_TARGETS = [  # overlaps the kohya LoRA in some modules, has its own el
     "single_transformer_blocks.0.proj_out", "proj_out",
 ]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def kohya_text_encoder(pipe, seed: int, alpha: float) -> tuple[dict, dict]:

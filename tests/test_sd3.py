@@ -9,26 +9,14 @@ from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from test_diffusion import expect_error
-from tiny_diffusion import add_lora, tiny_tokenizer
+from test_diffusion import expect_error, one_torch_thread, tokenizer  # noqa: F401 (fixtures)
+from tiny_diffusion import add_lora
 from tiny_dit import dit_deltas, tiny_sd35
 
 from coremerge import METHODS, MergeOptions, load_adapter, merge_to_folder
 from coremerge.cli import main
 from coremerge.formats.diffusion_family import FLUX, SD3, UNKNOWN_DIT
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def save_sd3_lora(pipe, folder, transformer_config, text_configs: dict, seed: int):

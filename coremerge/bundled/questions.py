@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import strings
-from .switching import activate_adapter, forget_adapter
+from .switching import forget_adapter, run_with_adapter
 
 BASE_NAME = "coremerge/questions-base"  # the base's name_or_path, recorded in every adapter (not a Hub repo)
 SPLITS = ("train", "validation", "test")
@@ -165,25 +165,16 @@ class QuestionsEvaluator:
         self.tasks = list(tasks or TASKS)
         self.n = n
 
-    def _run(self, adapter: Optional[str], scale: float, function: Callable):
-        if adapter is None:
-            if not self.loaded:
-                return function(self.model)
-            with self.model.disable_adapter():
-                return function(self.model)
-        activate_adapter(self, adapter, scale)
-        return function(self.model)
-
     def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test", scale: float = 1.0) -> float:
         """Exact match on `n` inputs of a task's split; `scale` multiplies the adapter's update (alpha search)."""
         pairs = examples(task, split, self.n)
-        return self._run(adapter, scale, lambda model: exact_match(generate(model, [p for p, _ in pairs]),
+        return run_with_adapter(self, adapter, scale, lambda model: exact_match(generate(model, [p for p, _ in pairs]),
                                                                    [a for _, a in pairs]))
 
     def generate(self, prompts: Sequence[str], adapter: Optional[str] = None) -> list[str]:
         """Greedy answers (first line) to prompts such as `even? 4821` (the newline is added if missing)."""
         prompts = [prompt if prompt.endswith("\n") else prompt + "\n" for prompt in prompts]
-        return self._run(adapter, 1.0, lambda model: generate(model, prompts))
+        return run_with_adapter(self, adapter, 1.0, lambda model: generate(model, prompts))
 
     @staticmethod
     def expected(prompt: str) -> Optional[str]:

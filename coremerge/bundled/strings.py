@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import ByT5Tokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from .switching import activate_adapter, forget_adapter
+from .switching import forget_adapter, run_with_adapter
 
 BASE_NAME = "coremerge/strings-base"  # the base's name_or_path, recorded in every adapter (not a Hub repo)
 MAX_POSITIONS = 96
@@ -177,25 +177,17 @@ class StringsEvaluator:
         self.tasks = list(tasks or TASKS)
         self.n = n
 
-    def _run(self, adapter: Optional[str], scale: float, function: Callable):
-        if adapter is None:
-            if not self.loaded:
-                return function(self.model)
-            with self.model.disable_adapter():
-                return function(self.model)
-        activate_adapter(self, adapter, scale)
-        return function(self.model)
-
     def accuracy(self, task: str, adapter: Optional[str] = None, split: str = "test", scale: float = 1.0) -> float:
         """Exact match on `n` inputs of a task's split; `scale` multiplies the adapter's update (alpha search)."""
         if task not in TASKS:
             raise ValueError(f"task {task!r}: choose one of {', '.join(TASKS)}")
-        return self._run(adapter, scale, lambda model: task_accuracy(model, self.tokenizer, task, split, self.n))
+        return run_with_adapter(self, adapter, scale,
+                                lambda model: task_accuracy(model, self.tokenizer, task, split, self.n))
 
     def generate(self, prompts: Sequence[str], adapter: Optional[str] = None) -> list[str]:
         """Greedy answers (first line) to prompts such as `upper: abc\\n` (the newline is added if missing)."""
         prompts = [prompt if prompt.endswith("\n") else prompt + "\n" for prompt in prompts]
-        return self._run(adapter, 1.0, lambda model: generate(model, self.tokenizer, prompts))
+        return run_with_adapter(self, adapter, 1.0, lambda model: generate(model, self.tokenizer, prompts))
 
     @staticmethod
     def expected(prompt: str) -> Optional[str]:

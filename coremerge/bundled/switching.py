@@ -1,6 +1,6 @@
 """Switching adapters on one loaded base model (peft), shared by the bundled presets' evaluators."""
 
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -37,3 +37,14 @@ def forget_adapter(holder: HoldsAdapters, folder: str) -> None:
     if name is not None:
         holder.model.delete_adapter(name)
         holder._active = None  # peft may have switched to another adapter
+
+
+def run_with_adapter(holder: HoldsAdapters, folder: Optional[str], scale: float, function: Callable):
+    """`function(model)` with the base model alone (`folder` None) or with that adapter active at `scale`."""
+    if folder is None:
+        if not holder.loaded:
+            return function(holder.model)
+        with holder.model.disable_adapter():
+            return function(holder.model)
+    activate_adapter(holder, folder, scale)
+    return function(holder.model)
