@@ -62,3 +62,8 @@ def test_factored_svd_is_the_svd_of_the_product(shapes):
     torch.testing.assert_close(u @ torch.diag(s) @ vh, left @ right.T)
     torch.testing.assert_close(s[:min(p, q, r)], torch.linalg.svdvals(left @ right.T)[:min(p, q, r)])
     torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64))
+
+
+def test_numerical_rank_of_an_empty_spectrum_is_zero():
+    """A module whose every task has rank 0 after truncation has no spectrum at all (a surviving mutant said 1)."""
+    assert numerical_rank(torch.empty(0, dtype=torch.float64), (3, 4)) == 0

@@ -100,3 +100,19 @@ def test_exact_export_rank_is_the_numerical_rank(module_tasks):
     for name, tasks in module_tasks.items():
         lora_b, lora_a = to_lora(merged(tasks, name, method="ta", space="core"))
         assert lora_a.shape[0] == torch.linalg.matrix_rank(sum(t.weight * t.b @ t.a for t in tasks)).item()
+
+
+def test_noise_floor_uses_the_larger_side_of_the_update_by_hand():
+    """eps * max(m, n) * |alpha| * sum_t |w_t| ||B~_t||_F ||A~_t||_F, with m the update's rows (not the rank).
+
+    Here m = 10, n = 3, r = 2: ||B~|| = sqrt(10 * 2 * 1) = sqrt(20), ||A~|| = sqrt(2 * 3 * 4) = sqrt(24) (entries 1 and
+    2), weight -0.5 and alpha 3: floor = eps * 10 * 3 * 0.5 * sqrt(20 * 24).
+    """
+    from coremerge import TaskFactors
+    from coremerge.merging.linalg import EPS64
+    from coremerge.merging.spaces import noise_floor
+
+    task = TaskFactors(a=torch.full((2, 3), 2.0, dtype=torch.float64), b=torch.ones(10, 2, dtype=torch.float64),
+                       weight=-0.5)
+    expected = EPS64 * 10 * 3 * 0.5 * (20 * 24) ** 0.5
+    assert noise_floor([task], MergeOptions.create(method="ta", alpha=3.0)) == pytest.approx(expected, rel=1e-12, abs=0)
