@@ -225,17 +225,23 @@ def module_weight(pipe, name):
 def test_fused_weights_change_by_the_weighted_sum_of_the_original_updates(loras, tokenizer, tmp_path):
     """Task arithmetic, checked against peft's own updates of the two original LoRAs (no coremerge math):
     after `fuse_lora`, every weight has moved by exactly 1.0 dW_kohya - 0.5 dW_diffusers."""
-    kinds, weights = ["kohya_sdxl", "diffusers_sdxl"], [1.0, -0.5]
-    merge_to_folder([str(loras["files"][k]) for k in kinds], MergeOptions.create(method="ta", weights=weights),
-                    tmp_path / "out")
+    assert_fused_weights_move_by_the_weighted_sum(loras, {"kohya_sdxl": 1.0, "diffusers_sdxl": -0.5},
+                                                  tiny_sdxl(tokenizer), ["unet", "text_encoder", "text_encoder_2"],
+                                                  tmp_path)
+
+
+def assert_fused_weights_move_by_the_weighted_sum(loras, weights: dict, pipe, components, tmp_path):
+    """TA-merge the LoRAs `weights` names, fuse the merge into `pipe`: each adapted weight must move by exactly
+    sum_kind weight * (that LoRA's own update, from `loras["deltas"]`)."""
+    merge_to_folder([str(loras["files"][k]) for k in weights],
+                    MergeOptions.create(method="ta", weights=list(weights.values())), tmp_path / "out")
     expected: dict[str, torch.Tensor] = {}
-    for kind, weight in zip(kinds, weights):
+    for kind, weight in weights.items():
         for name, delta in loras["deltas"][kind].items():
             expected[name] = expected.get(name, 0) + weight * delta
-    pipe = tiny_sdxl(tokenizer)
     before = {name: module_weight(pipe, name) for name in expected}
     pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="merged")
-    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=["merged"])
+    pipe.fuse_lora(components=components, adapter_names=["merged"])
     for name, change in expected.items():
         torch.testing.assert_close(module_weight(pipe, name) - before[name], change, rtol=1e-4, atol=2e-6)
 

@@ -14,7 +14,8 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from test_diffusion import expect_error, module_weight, one_torch_thread, tokenizer  # noqa: F401 (fixtures)
+from test_diffusion import (assert_fused_weights_move_by_the_weighted_sum, expect_error,  # noqa: F401 (fixtures)
+                            one_torch_thread, tokenizer)
 from tiny_diffusion import add_lora
 from tiny_dit import (KOHYA_DOUBLE, KOHYA_SINGLE, dit_deltas, fused_shapes, split_updates, tiny_flux,
                       write_kohya_flux)
@@ -217,19 +218,8 @@ def test_kohya_and_diffusers_flux_merge_into_a_file_flux_loads(method, space, lo
 def test_fused_weights_change_by_the_weighted_sum_of_the_original_updates(loras, tokenizer, tmp_path):
     """Task arithmetic against the originals alone (the fused products and peft's updates, no coremerge math):
     after `fuse_lora` every adapted weight of the tiny Flux has moved by exactly 1.0 dW_kohya - 0.5 dW_diffusers."""
-    kinds, weights = ["kohya", "diffusers"], [1.0, -0.5]
-    merge_to_folder([str(loras["files"][k]) for k in kinds], MergeOptions.create(method="ta", weights=weights),
-                    tmp_path / "out")
-    expected: dict[str, torch.Tensor] = {}
-    for kind, weight in zip(kinds, weights):
-        for name, delta in loras["deltas"][kind].items():
-            expected[name] = expected.get(name, 0) + weight * delta
-    pipe = tiny_flux(tokenizer)
-    before = {name: module_weight(pipe, name) for name in expected}
-    pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="merged")
-    pipe.fuse_lora(components=["transformer", "text_encoder"], adapter_names=["merged"])
-    for name, change in expected.items():
-        torch.testing.assert_close(module_weight(pipe, name) - before[name], change, rtol=1e-4, atol=2e-6)
+    assert_fused_weights_move_by_the_weighted_sum(loras, {"kohya": 1.0, "diffusers": -0.5}, tiny_flux(tokenizer),
+                                                  ["transformer", "text_encoder"], tmp_path)
 
 
 def write_xlabs(path) -> dict[str, torch.Tensor]:
