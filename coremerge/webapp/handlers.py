@@ -27,8 +27,7 @@ from .render import comparison_html, rank_rows, report_markdown, summary_markdow
 from . import validation
 from .sources import scrub, trusted_sources
 from .uploads import LIMITS_TEXT as UPLOAD_LIMITS
-from .uploads import _paths as uploads_paths
-from .uploads import unpack_uploads
+from .uploads import unpack_uploads, uploaded_paths
 from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, comparison_seconds, default_prompts_text,
                        has_comparison, prompts_from_text, run_comparison, run_merge, uses_preset_adapters, warm_up)
 
@@ -267,7 +266,7 @@ def add_upload_rows(uploaded, table):
     rows = [list(r) for r in (table if isinstance(table, (list, tuple)) else [])
             if isinstance(r, (list, tuple)) and any(c not in (None, "") for c in r)]
     have = {str(r[0]) for r in rows if r}
-    for path in uploads_paths(uploaded):
+    for path in uploaded_paths(uploaded):
         source = f"upload:{path.name}"
         if path.name != "adapter_config.json" and source not in have:
             rows.append([source, path.stem, 1.0])

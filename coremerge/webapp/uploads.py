@@ -29,7 +29,7 @@ def unpack_uploads(uploaded: Optional[Sequence], folder: Path) -> dict[str, Path
     Raises:
         CoreMergeError: naming the upload and what is wrong with it.
     """
-    paths = _paths(uploaded)
+    paths = uploaded_paths(uploaded)
     if not paths:
         return {}
     if len(paths) > MAX_FILES:
@@ -62,7 +62,7 @@ def unpack_uploads(uploaded: Optional[Sequence], folder: Path) -> dict[str, Path
     return found
 
 
-def _paths(uploaded) -> list[Path]:
+def uploaded_paths(uploaded) -> list[Path]:
     """The uploaded files' paths, whatever form the upload control gives them in."""
     if uploaded is None:
         return []
