@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--isotropize", action="store_true", help="isotropic flattening of the merged result")
     merge.add_argument("--rank", type=int, metavar="K", help="truncate the written adapter to rank K per module")
     merge.add_argument("--dtype", choices=DTYPES, help="dtype of the written adapter (default: the inputs')")
+    merge.add_argument("--device", default="cpu", metavar="DEVICE",
+                       help="where the merge computes, in float64 either way: cpu (default), cuda or cuda:N")
     return parser
 
 
@@ -125,7 +127,7 @@ def run_merge(args: argparse.Namespace) -> None:
     try:
         sources, weights = sources_and_weights(args)
         fill_merge_settings(args)
-        report = merge_to_folder(sources, options_from_args(args, weights), args.output, progress)
+        report = merge_to_folder(sources, options_from_args(args, weights), args.output, progress, args.device)
     finally:
         if bar is not None:
             bar.close()

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from coremerge import CoreMergeError, MergeOptions
+from coremerge.cli import main
 from coremerge.merging.to_folder import merge_to_folder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -27,6 +28,37 @@ def test_a_device_that_is_no_merge_device_is_named(device, adapters, tmp_path):
 def test_cuda_without_cuda_says_so(adapters, tmp_path):
     with pytest.raises(CoreMergeError, match=r"^device 'cuda': CUDA is not available on this machine; use cpu$"):
         merged(adapters, tmp_path, "out", "cuda")
+
+
+@pytest.mark.parametrize("device, problem", [
+    ("mps", "merges run on cpu or cuda"),
+    ("tpu", "not a torch device; use cpu or cuda"),
+    ("cuda:x", "not a torch device; use cpu or cuda"),
+    pytest.param("cuda", "CUDA is not available on this machine; use cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_the_cli_names_a_bad_device_and_exits_2(device, problem, adapters, tmp_path, capsys):
+    args = ["merge", str(adapters["plain"]), str(adapters["rslora"]), "--output", str(tmp_path / "out"),
+            "--device", device]
+    assert _exit_code(args) == 2
+    assert capsys.readouterr().err == f"coremerge: error: device {device!r}: {problem}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_merges_on_the_cpu_device_as_by_default(adapters, tmp_path):
+    sources = [str(adapters["plain"]), str(adapters["rslora"])]
+    assert _exit_code(["merge", *sources, "--output", str(tmp_path / "default")]) == 0
+    assert _exit_code(["merge", *sources, "--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    default = load_file(tmp_path / "default" / "adapter_model.safetensors")
+    cpu = load_file(tmp_path / "cpu" / "adapter_model.safetensors")
+    assert default.keys() == cpu.keys() and all(torch.equal(default[k], cpu[k]) for k in default)
+
+
+def _exit_code(args):
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return stop.code
 
 
 @needs_cuda
