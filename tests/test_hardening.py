@@ -351,3 +351,25 @@ def test_real_exit_codes(tmp_path, plain):
                           "float16", "--output", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "keep.txt" in bad.stderr
     assert (out / "keep.txt").read_text() == "mine" and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_an_empty_source_is_named_by_its_position(blank, capsys, plain, tmp_path):
+    refused(capsys, [plain, blank], "source 2 is empty; give a Hub ID, folder or .safetensors file", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_adapter_twice_merges_with_a_warning(capsys, plain, tmp_path):
+    """Two spellings of one folder resolve to one weights file: the merge runs (as given) and says so."""
+    (tmp_path / "link").symlink_to(plain)
+    code, lines = run_cli(capsys, plain, tmp_path / "link", "--output", tmp_path / "out")
+    assert code == 0
+    warning = f"coremerge: warning: {plain} and {tmp_path / 'link'} are the same adapter: it counts twice"
+    assert lines == [warning]
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["warnings"] == [warning.removeprefix("coremerge: warning: ")]
+
+
+def test_two_different_adapters_give_no_duplicate_warning(capsys, adapters, tmp_path):
+    code, lines = run_cli(capsys, adapters["plain"], adapters["rslora"], "--output", tmp_path / "out")
+    assert code == 0 and lines == []

@@ -10,6 +10,20 @@ from .diffusion_family import same_family
 def check_sources(sources: Sequence[str]) -> None:
     if not sources:
         raise CoreMergeError("no adapters given: pass at least one SOURCE (a Hub ID, folder or .safetensors file)")
+    for number, source in enumerate(sources, 1):
+        if not isinstance(source, str) or not source.strip():
+            raise CoreMergeError(f"source {number} is empty; give a Hub ID, folder or .safetensors file")
+
+
+def duplicate_adapter_warnings(adapters: Sequence[Adapter]) -> list[str]:
+    """Two sources that resolve to the same weights file: merged as given, but the user should know."""
+    first_source_of, warnings = {}, []
+    for adapter in adapters:
+        key = adapter.weights_path.resolve()
+        if key in first_source_of:
+            warnings.append(f"{first_source_of[key]} and {adapter.source} are the same adapter: it counts twice")
+        first_source_of.setdefault(key, adapter.source)
+    return warnings
 
 
 def normalized_base(name: Optional[str]) -> Optional[str]:

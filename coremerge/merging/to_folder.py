@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import CoreMergeError, shown
-from ..formats.checks import check_same_base_model, check_sources
+from ..formats.checks import check_same_base_model, check_sources, duplicate_adapter_warnings
 from ..formats.diffusion_export import diffusers_tensors, write_diffusers_file
 from ..formats.diffusion_family import is_diffusion_set, shared_family
 from ..formats.loading import load_adapters
@@ -47,6 +47,7 @@ def merge_to_folder(
     clock = time.perf_counter()
     adapters = load_adapters(sources)
     base_model = check_same_base_model(adapters)
+    warnings += duplicate_adapter_warnings(adapters)
     warnings += [f"{a.source}: ignored {len(a.ignored_keys)} non-LoRA tensor(s) such as {a.ignored_keys[0]} "
                  "(modules_to_save and similar are not merged)" for a in adapters if a.ignored_keys]
     timings.loading += time.perf_counter() - clock
