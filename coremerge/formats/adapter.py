@@ -183,6 +183,7 @@ class MergedModule:
     lora_a: torch.Tensor  # (k, n)
     lora_b: torch.Tensor  # (m, k)
     input_ranks: dict[int, int]  # adapter index -> rank
+    exported: object = None  # what the merge driver's `export` made of it (the tensors to write), if asked
 
     @property
     def rank(self) -> int:
