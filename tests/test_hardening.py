@@ -259,6 +259,12 @@ def test_an_overflow_in_float16_is_a_refusal_suggesting_a_wider_dtype(capsys, tm
     assert code == 0
 
 
+
+def test_an_update_too_small_for_float16_is_a_refusal_suggesting_float32(capsys, tmp_path, plain):
+    line = refused(capsys, [plain, "--alpha", "1e-9", "--dtype", "float16"],
+                   "the merged update is too small for float16 (it would be written as zeros)", tmp_path / "out")
+    assert "write it with --dtype float32" in line and not list(tmp_path.glob(".out*"))
+
 # --- 4. one line for every failure ---
 
 def test_a_refused_pickle_gives_no_advice_to_run_it(capsys, tmp_path, adapters):
