@@ -55,7 +55,8 @@ def rounding_verdict(cast: torch.Tensor, exact: torch.Tensor) -> Optional[str]:
     One float32 difference and two float32 norms decide almost every factor: a finite difference means a finite
     cast (an Inf or NaN propagates). Only near the threshold or outside NORM_RANGE is it redone in float64.
     """
-    error = float(torch.linalg.vector_norm(cast.to(exact.dtype) - exact))
+    difference = cast.to(exact.dtype, copy=True).sub_(exact)  # in place: one temporary, not two
+    error = float(torch.linalg.vector_norm(difference))
     size = float(torch.linalg.vector_norm(exact))
     limit = UNDERFLOW_TOLERANCE * size
     if NORM_RANGE[0] < size < NORM_RANGE[1] and math.isfinite(error) and not limit / 2 < error < 2 * limit:
