@@ -52,12 +52,15 @@ def rounding_verdict(cast: torch.Tensor, exact: torch.Tensor) -> Optional[str]:
     """None if `cast` (`exact` rounded to the output dtype) is finite and within UNDERFLOW_TOLERANCE of it
     in Frobenius norm; else "overflow" (an Inf or NaN) or "underflow" (16-bit rounding flushed it toward zero).
 
-    One float32 difference and two float32 norms decide almost every factor: a finite difference means a finite
-    cast (an Inf or NaN propagates). Only near the threshold or outside NORM_RANGE is it redone in float64.
+    Most factors are settled by the norm of `exact` alone (`fits_by_norm`); the rest by one float32 difference
+    and its norm (a finite difference means a finite cast: an Inf or NaN propagates); only near the threshold
+    or outside NORM_RANGE is it redone in float64.
     """
+    size = float(torch.linalg.vector_norm(exact))
+    if fits_by_norm(size, exact.numel(), cast.dtype):
+        return None
     difference = cast.to(exact.dtype, copy=True).sub_(exact)  # in place: one temporary, not two
     error = float(torch.linalg.vector_norm(difference))
-    size = float(torch.linalg.vector_norm(exact))
     limit = UNDERFLOW_TOLERANCE * size
     if NORM_RANGE[0] < size < NORM_RANGE[1] and math.isfinite(error) and not limit / 2 < error < 2 * limit:
         return None if error <= limit else "underflow"
@@ -67,6 +70,22 @@ def rounding_verdict(cast: torch.Tensor, exact: torch.Tensor) -> Optional[str]:
     if torch.linalg.vector_norm(cast.to(torch.float64) - exact) > UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
         return "underflow"
     return None
+
+
+def fits_by_norm(size: float, count: int, dtype: torch.dtype) -> bool:
+    """Whether a factor of norm `size` (float32-computed, in NORM_RANGE) and `count` entries surely rounds to
+    `dtype` finitely and within UNDERFLOW_TOLERANCE, whatever its entries.
+
+    Every entry is at most `size`, so under the dtype's largest value none overflows. Rounding to nearest moves
+    an entry in the normal range by at most eps/2 of it, one below by at most half the smallest subnormal
+    (tiny * eps / 2), so the error's norm is at most `eps/2 size + sqrt(count) tiny eps/2`; it suffices that
+    this stays under half the tolerance (the float32 norm's own error is far below that margin).
+    """
+    if not NORM_RANGE[0] < size < min(NORM_RANGE[1], torch.finfo(dtype).max / 2):
+        return False
+    info = torch.finfo(dtype)
+    bound = info.eps / 2 * size + math.sqrt(count) * info.smallest_normal * info.eps / 2
+    return bound <= UNDERFLOW_TOLERANCE * size / 2
 
 
 def overflow_message(module: MergedModule, dtype: torch.dtype) -> str:
