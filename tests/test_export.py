@@ -122,3 +122,26 @@ def test_earlier_output_is_replaced(adapters, tmp_path):
     merge_to_folder([str(adapters["plain"]), str(adapters["named"])], MergeOptions.create(method="ta"), out)
     assert len(json.loads((out / "merge_report.json").read_text())["sources"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folders left
+
+
+def float64_verdict(cast: torch.Tensor, exact: torch.Tensor):
+    """The checks of the written factors done plainly in float64: finite, and within 1e-2 of the exact in norm."""
+    if not torch.isfinite(cast).all():
+        return "overflow"
+    exact = exact.double()
+    return "underflow" if torch.linalg.vector_norm(cast.double() - exact) > 1e-2 * torch.linalg.vector_norm(exact) \
+        else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5, 5e-6, 3e-6, 2e-6, 1e-6, 5e-7, 1e-7, 1e-9, 1e-30, 0.0, 1e4, 6e4, 1e30, 1e38])
+def test_the_fast_rounding_check_decides_as_float64(dtype, scale):
+    """rounding_verdict (settled by the norm alone, else by float32 norms, float64 only near the threshold) gives
+    the plain float64 verdict, from flushed-to-zero through subnormal (fp16 from ~6e-5 down) to overflowing."""
+    from coremerge.formats.peft_export import rounding_verdict
+
+    exact = torch.randn(300, 40, generator=torch.Generator().manual_seed(0)) * scale
+    cast = exact.to(dtype)
+    assert rounding_verdict(cast, exact) == float64_verdict(cast, exact)
+    exact[3, 5] = float("nan")
+    assert rounding_verdict(exact.to(dtype), exact) == "overflow"

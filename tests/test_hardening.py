@@ -214,6 +214,17 @@ def test_flags_that_are_not_finite_or_overflow(capsys, tmp_path, plain, flags, m
     refused(capsys, [plain, *flags], message, tmp_path / "out")
 
 
+
+@pytest.mark.parametrize("value, message", [
+    (1e308, f"{KEY_B} times its scaling 2 (alpha / r) overflows"),  # every entry overflows when scaled
+    (1e306, "is too large to merge"),  # entries stay finite (their sum does not): read, then refused by size
+])
+def test_float64_factors_that_overflow_with_their_scaling(capsys, tmp_path, plain, value, message):
+    tensors = load_file(plain / "adapter_model.safetensors")
+    tensors[KEY_B] = torch.full(tensors[KEY_B].shape, value, dtype=torch.float64)
+    save_file(tensors, plain / "adapter_model.safetensors")
+    refused(capsys, [plain], message, tmp_path / "out")
+
 def kohya_file(path: Path, alpha) -> Path:
     generator = torch.Generator().manual_seed(3)
     tensors = {f"{KOHYA_Q}.lora_down.weight": torch.randn(4, 8, generator=generator),
@@ -258,6 +269,12 @@ def test_an_overflow_in_float16_is_a_refusal_suggesting_a_wider_dtype(capsys, tm
     code, _ = run_cli(capsys, plain, "--alpha", "1e6", "--dtype", "float32", "--output", tmp_path / "wide")
     assert code == 0
 
+
+
+def test_an_update_too_small_for_float16_is_a_refusal_suggesting_float32(capsys, tmp_path, plain):
+    line = refused(capsys, [plain, "--alpha", "1e-9", "--dtype", "float16"],
+                   "the merged update is too small for float16 (it would be written as zeros)", tmp_path / "out")
+    assert "write it with --dtype float32" in line and not list(tmp_path.glob(".out*"))
 
 # --- 4. one line for every failure ---
 

@@ -1,6 +1,7 @@
 """Write a merged adapter as a peft LoRA folder, atomically (SPEC 2, step 6)."""
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,18 +29,63 @@ def output_dtype(adapters: Sequence[Adapter], requested: Optional[str]) -> torch
 def stored_factors(module: MergedModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) in the inputs' stored shapes: conv kernels restored from the flattened factors."""
     template, k = module.template, module.rank
-    a = module.lora_a.reshape(k, *template.a_shape[1:]).to(dtype).contiguous()
-    b = module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:]).to(dtype).contiguous()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    exact = (module.lora_a.reshape(k, *template.a_shape[1:]),
+             module.lora_b.reshape(template.b_shape[0], k, *template.b_shape[2:]))
+    stored = tuple(factor.to(dtype, memory_format=torch.contiguous_format) for factor in exact)
+    verdicts = [rounding_verdict(cast, factor) for cast, factor in zip(stored, exact)]
+    if "overflow" in verdicts:
         raise OutputError(overflow_message(module, dtype))
-    for cast, exact in ((a, module.lora_a), (b, module.lora_b)):
-        exact = exact.to(torch.float64)
-        if torch.linalg.vector_norm(cast.to(torch.float64).reshape(exact.shape) - exact) > \
-                UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
-            name = str(dtype).removeprefix("torch.")
-            raise OutputError(f"module {module.name}: the merged update is too small for {name} (it would be "
-                              f"written as zeros); write it with --dtype float32")
-    return a, b
+    if "underflow" in verdicts:
+        name = str(dtype).removeprefix("torch.")
+        raise OutputError(f"module {module.name}: the merged update is too small for {name} (it would be "
+                          f"written as zeros); write it with --dtype float32")
+    return stored
+
+
+# float32 norms settle the underflow check when the factor's norm lies in this range (no square overflows,
+# and the squares lost to float32's underflow add under 1e-36 against a threshold over 1e-24) and the error
+# is not within a factor of 2 of the threshold (their own rounding is under 1e-5 of it); else float64 does
+NORM_RANGE = (1e-10, 1e10)
+
+
+def rounding_verdict(cast: torch.Tensor, exact: torch.Tensor) -> Optional[str]:
+    """None if `cast` (`exact` rounded to the output dtype) is finite and within UNDERFLOW_TOLERANCE of it
+    in Frobenius norm; else "overflow" (an Inf or NaN) or "underflow" (16-bit rounding flushed it toward zero).
+
+    Most factors are settled by the norm of `exact` alone (`fits_by_norm`); the rest by one float32 difference
+    and its norm (a finite difference means a finite cast: an Inf or NaN propagates); only near the threshold
+    or outside NORM_RANGE is it redone in float64.
+    """
+    size = float(torch.linalg.vector_norm(exact))
+    if fits_by_norm(size, exact.numel(), cast.dtype):
+        return None
+    difference = cast.to(exact.dtype, copy=True).sub_(exact)  # in place: one temporary, not two
+    error = float(torch.linalg.vector_norm(difference))
+    limit = UNDERFLOW_TOLERANCE * size
+    if NORM_RANGE[0] < size < NORM_RANGE[1] and math.isfinite(error) and not limit / 2 < error < 2 * limit:
+        return None if error <= limit else "underflow"
+    if not torch.isfinite(cast).all():
+        return "overflow"
+    exact = exact.to(torch.float64)
+    if torch.linalg.vector_norm(cast.to(torch.float64) - exact) > UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
+        return "underflow"
+    return None
+
+
+def fits_by_norm(size: float, count: int, dtype: torch.dtype) -> bool:
+    """Whether a factor of norm `size` (float32-computed, in NORM_RANGE) and `count` entries surely rounds to
+    `dtype` finitely and within UNDERFLOW_TOLERANCE, whatever its entries.
+
+    Every entry is at most `size`, so under the dtype's largest value none overflows. Rounding to nearest moves
+    an entry in the normal range by at most eps/2 of it, one below by at most half the smallest subnormal
+    (tiny * eps / 2), so the error's norm is at most `eps/2 size + sqrt(count) tiny eps/2`; it suffices that
+    this stays under half the tolerance (the float32 norm's own error is far below that margin).
+    """
+    if not NORM_RANGE[0] < size < min(NORM_RANGE[1], torch.finfo(dtype).max / 2):
+        return False
+    info = torch.finfo(dtype)
+    bound = info.eps / 2 * size + math.sqrt(count) * info.smallest_normal * info.eps / 2
+    return bound <= UNDERFLOW_TOLERANCE * size / 2
 
 
 def overflow_message(module: MergedModule, dtype: torch.dtype) -> str:

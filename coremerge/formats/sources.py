@@ -9,11 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import httpx2  # huggingface_hub's HTTP client (a dependency of it): its timeout error
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
 from ..errors import AdapterFormatError, HubError
 
 CONFIG_NAME = "adapter_config.json"
@@ -127,6 +122,8 @@ def resolve_hub(source: str, token: Union[str, bool, None] = None, cache_dir: Op
     """
     hub_id = parse_hub_id(source)
     repo, revision, folder = hub_id.repo, hub_id.revision, hub_id.path
+    # imported here: huggingface_hub takes a few tenths of a second to import, which local files need not pay
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     def download(filename: str) -> Path:
         if not constants.HF_HUB_OFFLINE:
@@ -157,6 +154,8 @@ def _join(folder: str, name: str) -> str:
 
 def _optional(download):
     """A file that may be absent: None if the repo lacks it (or the offline cache does)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
     try:
         return download()
     except (RemoteEntryNotFoundError, LocalEntryNotFoundError):
@@ -173,6 +172,11 @@ def _hub_error(source: str, repo: str, revision: Optional[str], error: Exception
                token: Union[str, bool, None] = None) -> Exception:
     """One line for any Hub failure. With `token` None (the CLI) a private repo's advice is `hf auth login`;
     with a token given or refused (the app), it is a read token."""
+    import httpx2  # huggingface_hub's HTTP client (a dependency of it): its timeout error
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
     login = "log in with `hf auth login`" if token is None else "give a read token that can see it"
     if isinstance(error, GatedRepoError):
         return HubError(f"{source}: {repo} is gated; accept its terms on the Hub and {login}")

@@ -101,6 +101,7 @@ def merge_adapters(
     factor_dtype: torch.dtype = torch.float64,
     workers: int = WORKERS,
     device: str = "cpu",
+    export: Optional[Callable[[MergedModule], object]] = None,
 ) -> Iterator[MergedModule]:
     """Merge module by module; a module counts only the adapters that target it (SPEC 1).
 
@@ -108,7 +109,9 @@ def merge_adapters(
     (torch releases the GIL, and the many small SVDs use one core each). `factor_dtype` is the
     precision of the final products that give the written factors. `device` is where the spaces and
     methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in float64, and
-    the written factors come back to the CPU.
+    the written factors come back to the CPU. `export`, when given, runs on each merged module in its
+    worker thread, so that the cast to the output dtype and its checks overlap the other modules'
+    merging instead of waiting for the main thread; its result is the module's `exported`.
 
     Yields:
         One `MergedModule` per module, in name order.
@@ -119,20 +122,18 @@ def merge_adapters(
     seed = int(options.params.get("seed", 0))
     started, consumer, loaded_before = time.perf_counter(), 0.0, timings.loading
 
-    def merge_one(name: str, tasks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge_one(name: str, users: list[int], tasks: list) -> MergedModule:
         check_finite_scale(name, tasks, options.alpha)
         if device != "cpu":
             tasks = [replace(task, a=task.a.to(device), b=task.b.to(device)) for task in tasks]
         try:
             update = merge_module(tasks, options, module_generator(seed, name))
-            return tuple(factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
+            lora_b, lora_a = (factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
         except (torch.linalg.LinAlgError, RuntimeError) as error:  # e.g. an SVD that does not converge
             raise CoreMergeError(f"module {name}: the merge failed numerically ({str(error).splitlines()[0]})")
-
-    def finish(name: str, users: list[int], future) -> MergedModule:
-        lora_b, lora_a = future.result()
         template = adapters[users[0]].modules[name]
-        return MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
+        module = MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
+        return module if export is None else replace(module, exported=export(module))
 
     workers = max(1, min(workers, len(names)))
 
@@ -147,11 +148,11 @@ def merge_adapters(
                         users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
                         tasks = [adapters[i].read_factors(readers[i], name, weights[i]) for i in users]
                         timings.loading += time.perf_counter() - clock
-                        pending.append((name, users, pool.submit(merge_one, name, tasks)))
+                        pending.append(pool.submit(merge_one, name, users, tasks))
                         if len(pending) > workers:
-                            yield finish(*pending.popleft())
+                            yield pending.popleft().result()
             while pending:
-                yield finish(*pending.popleft())
+                yield pending.popleft().result()
 
     for done, module in enumerate(in_order(), start=1):
         clock = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import CoreMergeError, shown
+from ..formats.adapter import MergedModule
 from ..formats.checks import check_same_base_model, check_sources, duplicate_adapter_warnings
 from ..formats.diffusion_export import diffusers_tensors, write_diffusers_file
 from ..formats.diffusion_family import is_diffusion_set, shared_family
@@ -57,7 +58,12 @@ def merge_to_folder(
 
     tensors, module_reports, zero_modules = {}, {}, []
     factor_dtype = torch.float32 if dtype.itemsize < 4 else torch.float64
-    for module in merge_adapters(adapters, options, timings, progress, factor_dtype, device=device):
+
+    def export(module: MergedModule) -> Optional[dict[str, torch.Tensor]]:
+        """The module's tensors as written, made in the merge worker (it overlaps the other modules' merging)."""
+        return to_tensors(module, dtype) if module.rank else None
+
+    for module in merge_adapters(adapters, options, timings, progress, factor_dtype, device=device, export=export):
         module_reports[module.name] = {
             "kind": module.template.kind,
             "shape": list(module.template.shape),
@@ -67,9 +73,7 @@ def merge_to_folder(
         if module.rank == 0:
             zero_modules.append(module.name)
             continue
-        clock = time.perf_counter()
-        tensors.update(to_tensors(module, dtype))
-        timings.writing += time.perf_counter() - clock
+        tensors.update(module.exported)
     ranks = {name: r["output_rank"] for name, r in module_reports.items() if r["output_rank"] > 0}
     if not ranks:
         raise CoreMergeError("the merged update is zero in every module (do the weights cancel?); nothing to write")
