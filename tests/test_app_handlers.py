@@ -204,7 +204,7 @@ def test_text_side_by_side_shows_each_adapter_on_every_task_so_the_merge_is_expl
     for task, name in names.items():
         assert table[task]["Base"] == "0%" and table[task][name] == "100%" and table[task]["Merged"] != "0%", table
     assert 'class="cm-text cm-own">100%' in outputs[1]  # the diagonal is marked
-    assert "undo each other in the merge" in outputs[1].split('id="cm-cross-task-note">')[1]
+    assert "the rewrites undo each other" in outputs[1].split('id="cm-cross-task-note">')[1]
 
     rows, _, _, _, _ = handlers.preset_view("strings")
     outputs = handlers.merge_and_compare("strings", rows, "ta", "core", 0.5, False, None,

@@ -81,10 +81,11 @@ def text_html(comparison: TextComparison) -> str:
             f"{_header(comparison.variants, first)}{''.join(rows)}{footer}</table>{cross_task_html(comparison)}")
 
 
-CROSS_TASK_NOTE = ("Each column alone on every task's prompts. Adapters that leave the other tasks' inputs as the base "
-                   "has them (questions: one yes/no label space over disjoint inputs) merge; adapters that impose "
-                   "their own rewrite on every input (strings: four conflicting rewrites of the same words) "
-                   "undo each other in the merge.")
+CROSS_TASK_NOTE = ("Each column alone on every task's prompts (own task outlined). Why `questions` merges and "
+                   "`strings` does not: the questions share one answer space (yes / no) over inputs no other task "
+                   "uses, so off its own task an adapter still answers yes or no and the updates add up; the string "
+                   "tasks rewrite the same lowercase words each in its own way (0 off its own task), and in a merge "
+                   "the rewrites undo each other.")
 
 
 def cross_task_html(comparison: TextComparison) -> str:
