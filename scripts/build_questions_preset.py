@@ -12,7 +12,9 @@
 3. Choose the merge settings on the validation split (method x alpha, core space), then record test exact
    match of the base, every adapter on every task and the chosen merge; write test.jsonl and the manifest.
 
-One torch thread throughout, so that a rebuild writes the same bytes.
+One torch thread and deterministic kernels throughout (set here, whatever the machine's core count), so that a
+rebuild writes the same bytes; the build prints each phase's wall time and one sha256 over every written file.
+About 15 minutes from scratch on a shared 2-core machine, most of it pretraining the base.
 """
 
 import os
