@@ -171,7 +171,7 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
                                          None, None, lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
     table = outputs[1]
     cells = [[re.sub(r' <span class="cm-mark">.*', "", cell) for cell in re.findall(r'<td class="cm-text[^"]*">(.*?)</td>', row)]
-             for row in table.split("<tr>")[2:-1]]  # the last row: each column's exact match
+             for row in table.split("</table>")[0].split("<tr>")[2:-1]]  # the last row: each column's exact match
     assert [row[0] for row in cells] == ["upper: banana", "double: eggs"]
     header = re.findall(r"<th>(.*?)</th>", table)[:8]
     assert header == ["prompt", "expected", "Base", "Upper case", "Caesar shift", "Double letters", "Atbash", "Merged"]
@@ -179,6 +179,41 @@ def test_text_preset_side_by_side_has_a_row_per_prompt_and_each_adapter_solves_i
     assert cells[0][header.index("Upper case")] == "BANANA"
     assert cells[1][header.index("Double letters")] == "eeggggss"
     assert not outputs[2]["visible"]  # no accuracy chart for text
+
+
+def cross_task_table(html: str) -> dict[str, dict[str, str]]:
+    """The page's cross-task table as {task: {column: exact match}}."""
+    import re
+
+    table = html.split('id="cm-cross-task">')[1].split("</table>")[0]
+    header, *rows = table.split("<tr>")[1:]
+    columns = re.findall(r"<th>(.*?)</th>", header)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows]
+    return {row[0]: dict(zip(columns, row[1:])) for row in cells}
+
+
+def test_text_side_by_side_shows_each_adapter_on_every_task_so_the_merge_is_explained(fresh_cache):
+    """The cross-task table: questions adapters answer their own questions and the merge answers all four;
+    strings adapters rewrite every word their way, and the merge answers none."""
+    rows, _, _, prompts, _ = handlers.preset_view("questions")
+    outputs = handlers.merge_and_compare("questions", rows, "ta", "core", 0.8, False, None, prompts, None, None,
+                                         lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
+    table = cross_task_table(outputs[1])
+    names = {a.task: a.name for a in find_preset("questions").adapters}
+    assert list(table) == list(names)  # one row per task, in prompt order
+    for task, name in names.items():
+        assert table[task]["Base"] == "0%" and table[task][name] == "100%" and table[task]["Merged"] != "0%", table
+    assert 'class="cm-text cm-own">100%' in outputs[1]  # the diagonal is marked
+    assert "the rewrites undo each other" in outputs[1].split('id="cm-cross-task-note">')[1]
+
+    rows, _, _, _, _ = handlers.preset_view("strings")
+    outputs = handlers.merge_and_compare("strings", rows, "ta", "core", 0.5, False, None,
+                                         "upper: banana\\n\ncaesar: banana\\n\ndouble: eggs", None, None,
+                                         lambda fraction, desc=None: None, *[p.default for p in handlers.PARAMETERS])
+    table = cross_task_table(outputs[1])
+    assert list(table) == ["upper", "caesar", "double"]
+    assert table["upper"]["Upper case"] == "100%" and table["double"]["Double letters"] == "100%"
+    assert {table[task]["Merged"] for task in table} == {"0%"}
 
 
 def test_hub_classification_presets_are_merged_without_a_side_by_side_for_now():

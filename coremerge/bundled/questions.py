@@ -117,11 +117,20 @@ def training_examples(task: str, batch_size: int, rng: random.Random) -> list[tu
 
 def expected_answer(prompt: str) -> Optional[str]:
     """The right answer to `QUESTION TEXT` when a task asks QUESTION about a TEXT of its alphabet, else None."""
+    name = task_of(prompt)
+    if name is None:
+        return None
+    task = TASKS[name]
+    return task.answer(prompt.rstrip("\n")[len(task.question) + 1:])
+
+
+def task_of(prompt: str) -> Optional[str]:
+    """The task that asks a prompt (the one whose expected answer it has), else None."""
     prompt = prompt.rstrip("\n")
     for task in TASKS.values():
         text = prompt[len(task.question) + 1:] if prompt.startswith(task.question + " ") else ""
         if text and set(text) <= set(task.alphabet + task.needle):
-            return task.answer(text)
+            return task.name
     return None
 
 
@@ -180,6 +189,11 @@ class QuestionsEvaluator:
     def expected(prompt: str) -> Optional[str]:
         """The right answer to a prompt one of the tasks asks (`even? 4821` -> `no`), else None."""
         return expected_answer(prompt)
+
+    @staticmethod
+    def task_of(prompt: str) -> Optional[str]:
+        """The task a prompt belongs to, for the cross-task table; None if no task asks it."""
+        return task_of(prompt)
 
     def forget(self, adapter: str) -> None:
         forget_adapter(self, adapter)

@@ -197,5 +197,10 @@ class StringsEvaluator:
             return task_spec(task).solve(word)
         return None
 
+    @classmethod
+    def task_of(cls, prompt: str) -> Optional[str]:
+        """The task a prompt belongs to (`upper: banana` -> `upper`), for the cross-task table; else None."""
+        return prompt.partition(": ")[0] if cls.expected(prompt) is not None else None
+
     def forget(self, adapter: str) -> None:
         forget_adapter(self, adapter)

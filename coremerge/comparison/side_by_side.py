@@ -45,7 +45,8 @@ class Classifier(Protocol):
 class Generator(Protocol):
     def generate(self, prompts: Sequence[str], adapter: Optional[str] = None) -> list[str]: ...
 
-    # Optional: `expected(prompt) -> Optional[str]`, the right answer to a prompt (bundled presets).
+    # Optional: `expected(prompt) -> Optional[str]`, the right answer to a prompt (bundled presets), and
+    # `task_of(prompt) -> Optional[str]`, the task that asks it (the cross-task table).
 
     def forget(self, adapter: str) -> None: ...
 
@@ -90,6 +91,8 @@ class TextComparison:
     prompts: list[str]
     outputs: list[list[str]]  # prompt x variant
     expected: Optional[list[Optional[str]]] = None  # per prompt, for presets whose prompts have one right answer
+    tasks: Optional[list[Optional[str]]] = None  # per prompt, the task that asks it (bundled text presets)
+    variant_tasks: Optional[list[Optional[str]]] = None  # per variant, the task its adapter was trained for
 
     def right(self, prompt: int, variant: int) -> Optional[bool]:
         """Whether a variant's answer (first line, stripped) is the expected one; None without an expected answer."""
@@ -105,6 +108,17 @@ class TextComparison:
         if not scored:
             return None
         return [sum(self.right(p, v) for p in scored) / len(scored) for v in range(len(self.variants))]
+
+    @property
+    def by_task(self) -> dict[str, list[float]]:
+        """The cross-task table: for each task (in prompt order), each variant's exact match on that task's
+        prompts. An adapter's row entries off its own task show what it does to the others' inputs."""
+        prompts: dict[str, list[int]] = {}
+        for p, task in enumerate(self.tasks or ()):
+            if task is not None and self.right(p, 0) is not None:
+                prompts.setdefault(task, []).append(p)
+        return {task: [sum(self.right(p, v) for p in ps) / len(ps) for v in range(len(self.variants))]
+                for task, ps in prompts.items()}
 
 
 def grayscale_pixels(path: str) -> torch.Tensor:
@@ -199,8 +213,11 @@ def compare_text(runner: Generator, prompts: Sequence[str], variants: Sequence[V
     finally:
         _unload_merged(runner, variants)
     expected = [runner.expected(p) for p in prompts] if hasattr(runner, "expected") else None
+    tasks = [runner.task_of(p) for p in prompts] if hasattr(runner, "task_of") else None
     return TextComparison([v.name for v in variants], list(prompts), [list(row) for row in zip(*columns)],
-                          expected if expected and any(e is not None for e in expected) else None)
+                          expected if expected and any(e is not None for e in expected) else None,
+                          tasks if tasks and any(t is not None for t in tasks) else None,
+                          [v.task for v in variants])
 
 
 def sample_images(folder: Path, samples) -> list[LabelledImage]:

@@ -21,6 +21,7 @@ STYLE = """<style>
 .cm-right {background: rgba(85, 168, 104, 0.22);}
 .cm-wrong {background: rgba(196, 78, 82, 0.18);}
 .cm-merged {font-weight: 700;}
+.cm-own {font-weight: 700; outline: 2px solid rgba(85, 168, 104, 0.6); outline-offset: -2px;}
 .cm-table img {width: 40px; height: 40px; image-rendering: pixelated;}
 .cm-table img.cm-generated {width: auto; height: auto; max-width: 256px; image-rendering: auto;}
 </style>"""
@@ -77,7 +78,32 @@ def text_html(comparison: TextComparison) -> str:
         footer = ('<tr><th colspan="2">exact match on these prompts</th>'
                   + "".join(f"<th>{score:.0%}</th>" for score in scores) + "</tr>")
     return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
-            f"{_header(comparison.variants, first)}{''.join(rows)}{footer}</table>")
+            f"{_header(comparison.variants, first)}{''.join(rows)}{footer}</table>{cross_task_html(comparison)}")
+
+
+CROSS_TASK_NOTE = ("Each column alone on every task's prompts (own task outlined). Why `questions` merges and "
+                   "`strings` does not: the questions share one answer space (yes / no) over inputs no other task "
+                   "uses, so off its own task an adapter still answers yes or no and the updates add up; the string "
+                   "tasks rewrite the same lowercase words each in its own way (0 off its own task), and in a merge "
+                   "the rewrites undo each other.")
+
+
+def cross_task_html(comparison: TextComparison) -> str:
+    """Exact match per (task of the prompts, column): the diagonal is each adapter on its own task, the rest
+    what it does to the other tasks' prompts; empty without tasks."""
+    by_task = comparison.by_task
+    if not by_task:
+        return ""
+    rows = []
+    for task, scores in by_task.items():
+        cells = [f'<td class="cm-text">{html.escape(task)}</td>']
+        for variant_task, score in zip(comparison.variant_tasks or [None] * len(scores), scores):
+            own = " cm-own" if variant_task == task else ""
+            cells.append(f'<td class="cm-text{own}">{score:.0%}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<p class="cm-note" id="cm-cross-task-note">{html.escape(CROSS_TASK_NOTE)}</p>'
+            f'<table class="cm-table" id="cm-cross-task">'
+            f"{_header(comparison.variants, ['exact match by task'])}{''.join(rows)}</table>")
 
 
 THUMBNAIL = 256  # pixels, the longer side of a generated image on the page
