@@ -368,6 +368,7 @@ def test_knots_vit_b32_merge_zero_shot_side_by_side_and_download(hub_cache, tmp_
         for column, adapter in [(0, None), (1 + t, folders[t]), (len(names) + 1, merged)]:
             shown = [html.unescape(row[column]) for row in predicted[2 * t:2 * t + 2]]
             assert shown == expected_classes(base, adapter, task, data[task], classes), (task, column)
+    assert any(row[0] != row[c] for row in predicted for c in range(1, len(row)))  # the LoRAs change classes
     # the footer: each column's right answers on these samples
     right = [sum(html.unescape(row[c]) == html.unescape(t) for row, t in zip(predicted, truth))
              for c in range(len(names) + 2)]
