@@ -369,6 +369,12 @@ def test_knots_vit_b32_merge_zero_shot_side_by_side_and_download(hub_cache, tmp_
             shown = [html.unescape(row[column]) for row in predicted[2 * t:2 * t + 2]]
             assert shown == expected_classes(base, adapter, task, data[task], classes), (task, column)
     assert any(row[0] != row[c] for row in predicted for c in range(1, len(row)))  # the LoRAs change classes
+    # The heads were built on first use and written to the runner's folder: a new ZeroGPU worker (a fork without
+    # this process's memory of them) reads them from there and classifies the same way.
+    runner = runners.runner_for(preset.name, preset.folder)
+    assert sorted(p.name for p in runner.folder.glob("head-*.pt")) == sorted(f"head-{t}.pt" for t in tasks)
+    runner.heads.clear()
+    assert runner.predict("eurosat") == [html.unescape(row[0]) for row in predicted[4:6]]
     # the footer: each column's right answers on these samples
     right = [sum(html.unescape(row[c]) == html.unescape(t) for row, t in zip(predicted, truth))
              for c in range(len(names) + 2)]

@@ -124,9 +124,11 @@ def zero_shot_head(model, tokenizer, names: Sequence[str], templates: Sequence[s
 class ClipZeroShotRunner:
     """CLIP (base model) with a zero-shot head per task and a few test images per task from the Hub datasets.
 
-    Everything is prepared at construction, in the calling process: the images are fetched (Hub cache), preprocessed
-    and kept as pixel tensors, the heads built with the text tower on CPU; then the model moves to the comparison
-    device. Adapters are switched on the image encoder (`model.vision_model`) with peft.
+    The images are fetched (Hub cache), preprocessed and kept as pixel tensors at construction, in the calling
+    process. The heads (thousands of prompts through the text encoder: minutes on a small CPU, a few seconds on a
+    GPU) are built on the comparison device on first use, in the GPU function, and written to the runner's folder,
+    where the next ZeroGPU worker (a new fork each call) finds them. Adapters are switched on the image encoder
+    (`model.vision_model`) with peft.
     """
 
     def __init__(self, base_model: str, datasets: Sequence[SampleDataset], per_task: int = SAMPLES_PER_TASK):
@@ -140,15 +142,16 @@ class ClipZeroShotRunner:
         clip = CLIPModel.from_pretrained(base_model, dtype=torch.float32).eval()
         self.folder = Path(tempfile.mkdtemp(prefix="coremerge-samples-"))
         weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self.tokenizer = processor.tokenizer
         self.images: list[LabelledImage] = []
         self.heads: dict[str, torch.Tensor] = {}
         self.pixels: dict[str, torch.Tensor] = {}
         self.classes: dict[str, list[str]] = {}
         for source in datasets:
+            templates_for(source.task)  # an unknown task fails here, before any GPU time
             shard = split_shard(source.source, source.split, source.subset)
             names = task_class_names(source.task, class_names(shard), source.source)
             self.classes[source.task] = names
-            self.heads[source.task] = zero_shot_head(clip, processor.tokenizer, names, templates_for(source.task))
             samples = read_images(shard, per_task)
             self.pixels[source.task] = processor.image_processor(
                 [s.image for s in samples], return_tensors="pt")["pixel_values"]
@@ -159,10 +162,23 @@ class ClipZeroShotRunner:
         self.device = comparison_device()
         self.dtype = inference_dtype(self.device)
         self.clip = clip.to(self.device, self.dtype)
-        self.heads = {task: head.to(self.device) for task, head in self.heads.items()}
         self.model = self.clip.vision_model  # what adapters are loaded onto (wrapped in a PeftModel then)
         self.loaded: dict[str, str] = {}
         self.remembered: dict[tuple[str, Optional[str]], list[str]] = {}
+
+    def head(self, task: str) -> torch.Tensor:
+        """The task's zero-shot head: kept in this process, else read from the runner's folder, else built."""
+        if task not in self.heads:
+            saved = self.folder / f"head-{task}.pt"
+            if saved.is_file():
+                head = torch.load(saved, map_location="cpu")
+            else:
+                head = zero_shot_head(self.clip, self.tokenizer, self.classes[task], templates_for(task)).cpu()
+                partial = saved.with_suffix(".partial")
+                torch.save(head, partial)
+                partial.replace(saved)  # whole or absent, for a worker that reads it meanwhile
+            self.heads[task] = head.to(self.device)
+        return self.heads[task]
 
     @torch.no_grad()
     def predict(self, task: str, adapter: Optional[str] = None) -> list[str]:
@@ -175,7 +191,7 @@ class ClipZeroShotRunner:
         features = run_with_adapter(self, adapter, 1.0, embed)
         features = features / features.norm(dim=-1, keepdim=True)
         # (The logit scale of CLIP multiplies every score alike: the argmax does not need it.)
-        best = (features @ self.heads[task].T).argmax(dim=-1)
+        best = (features @ self.head(task).T).argmax(dim=-1)
         return [self.classes[task][i] for i in best.tolist()]
 
     def column(self, adapter: Optional[str], remember: bool) -> list[str]:
