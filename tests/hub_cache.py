@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".pt")
+LFS_SUFFIXES = (".safetensors", ".bin", ".model", ".pt", ".parquet")
 
 
 def etag(path: Path, data: bytes) -> str:

@@ -216,10 +216,10 @@ def test_text_side_by_side_shows_each_adapter_on_every_task_so_the_merge_is_expl
     assert {table[task]["Merged"] for task in table} == {"0%"}
 
 
-def test_hub_classification_presets_are_merged_without_a_side_by_side_for_now():
+def test_every_preset_kind_has_a_side_by_side():
     from coremerge.webapp.render import comparison_html
     from coremerge.webapp.workflow import has_comparison
 
-    assert not has_comparison(find_preset("knots-vit-b32"))  # CLIP zero-shot heads: not built yet
+    assert has_comparison(find_preset("knots-vit-b32"))  # CLIP zero-shot heads on its Hub datasets
     assert all(has_comparison(find_preset(name)) for name in ("digits", "strings", "tinyllama-tasks", "sdxl-styles"))
     assert comparison_html(None).startswith('<p id="cm-no-comparison">')

@@ -22,6 +22,7 @@ import json
 import re
 import zipfile
 
+import gradio as gr
 import pytest
 import torch
 from huggingface_hub import constants
@@ -229,18 +230,55 @@ def test_diffusion_presets_merge_side_by_side_and_download(name, hub_cache, tmp_
 # hoffman-lab/KnOTS-ViT-B-32_lora_R16_<task> repo with PeftModel.from_pretrained onto CLIPModel.vision_model;
 # apanariello4/core-space-merging configs/vitB_r16_*.py: rank 16, alpha 16, q/k/v/out_proj, base
 # openai/clip-vit-base-patch32. So: a peft folder per repo, keys base_model.model.encoder.layers.<i>.self_attn.*.
-# The side by side of this preset (zero-shot CLIP heads on the Hub datasets) is not built yet: merge and download.
+# The base repo holds the CLIP model, its tokenizer and preprocessor_config.json (CLIPProcessor loads both).
+# The datasets are parquet files as the `datasets` library pushes them to the Hub (push_to_hub): data/ (or the
+# configuration's folder: mnist/, cropped_digits/) / test-00000-of-00001.parquet, an image column of
+# {"bytes", "path"} structs, an integer label, and the features (Image, ClassLabel with the class names) in the
+# schema's "huggingface" metadata (datasets arrow_writer / features.py: Features.to_arrow_schema).
+
+DATASET_CLASSES = {"eurosat": 10, "gtsrb": 43, "mnist": 10, "svhn": 10}  # tasks whose heads use the paper's names
+ROWS = 4  # per tiny dataset; the runner takes two of them (rows 1 and 3)
+
+
+def tiny_dataset(task: str, path, seed: int) -> list[tuple[bytes, int]]:
+    """A test split of ROWS random 40 x 40 images, written as the `datasets` library writes parquet."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    generator = np.random.default_rng(seed)
+    names = [f"{task}_class_{i}" for i in range(DATASET_CLASSES.get(task, 3))]
+    rows = []
+    for _ in range(ROWS):
+        buffer = io.BytesIO()
+        Image.fromarray(generator.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        rows.append((buffer.getvalue(), int(generator.integers(len(names)))))
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    table = pa.table({"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [label for _, label in rows]},
+                     schema=pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                                       ("label", pa.int64())],
+                                      metadata={"huggingface": json.dumps({"info": {"features": features}})}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=3)  # two row groups: rows 1 and 3 sit in different ones
+    return rows
+
 
 def knots_standin(preset, root, cache):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
     config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                     "num_attention_heads": 4, "vocab_size": 99},
+                                     "num_attention_heads": 4, "vocab_size": len(tokenizer)},
                         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                        "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
                         projection_dim=16)
     CLIPModel(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "base")
     add_repo(cache, preset.base_model, folder_files(root / "base"))
     folders = []
     for seed, adapter in enumerate(preset.adapters, 1):
@@ -252,24 +290,96 @@ def knots_standin(preset, root, cache):
         get_peft_model(vision, lora_config).save_pretrained(root / adapter.task)
         add_repo(cache, adapter.source, folder_files(root / adapter.task))
         folders.append(root / adapter.task)
-    return root / "base", folders
+    data = {}
+    for seed, dataset in enumerate(preset.samples.datasets, 100):
+        folder = dataset.subset or ("mnist" if dataset.task == "mnist" else "data")
+        files = {f"{folder}/test-00000-of-00001.parquet": root / "datasets" / dataset.task / "test.parquet"}
+        data[dataset.task] = tiny_dataset(dataset.task, files[f"{folder}/test-00000-of-00001.parquet"], seed)
+        if dataset.subset:  # another configuration of the same repo, which must not be read
+            decoy = root / "datasets" / dataset.task / "other.parquet"
+            tiny_dataset(dataset.task, decoy, seed + 50)
+            files[f"full_numbers/test-00000-of-00001.parquet"] = decoy
+        add_repo(cache, dataset.source, files, kind="datasets")
+    return root / "base", folders, data
 
 
-def test_knots_vit_b32_merges_offline_and_the_download_is_the_sum_of_the_eight(hub_cache, tmp_path):
+def expected_classes(base, adapter, task, rows, names):
+    """The zero-shot class of rows 1 and 3, independently: CLIPModel, peft on its vision_model, the task's head."""
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPModel
+
+    from coremerge.comparison.clip_zero_shot import TEMPLATES
+
+    model = CLIPModel.from_pretrained(base).eval()
+    processor = AutoProcessor.from_pretrained(base)
+    processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if adapter is not None:
+        PeftModel.from_pretrained(model.vision_model, str(adapter))  # LoRA layers go into model.vision_model
+    with torch.no_grad():
+        head = []
+        for name in names:
+            prompts = processor.tokenizer([t.format(name) for t in TEMPLATES[task]], return_tensors="pt",
+                                          padding=True, truncation=True, max_length=77)
+            text = torch.nn.functional.normalize(model.get_text_features(**prompts).pooler_output, dim=-1)
+            head.append(torch.nn.functional.normalize(text.mean(0), dim=0))
+        images = [Image.open(io.BytesIO(rows[i][0])).convert("RGB") for i in (1, 3)]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        features = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return [names[i] for i in (features @ torch.stack(head).T).argmax(-1).tolist()]
+
+
+def classification_cells(table: str) -> tuple[list[str], list[str], list[list[str]]]:
+    """The header, the true label of each row, and each row's predicted labels (base, adapters, merged)."""
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = table.split("<tr>")[2:-1]
+    truth = [re.search(r"<td><b>(.*?)</b></td>", row).group(1) for row in rows]
+    return header, truth, [re.findall(r'<td class="cm-(?:right|wrong)[^"]*">(.*?)</td>', row) for row in rows]
+
+
+def test_knots_vit_b32_merge_zero_shot_side_by_side_and_download(hub_cache, tmp_path):
+    import html
+
     from conftest import peft_deltas
     from transformers import CLIPModel
 
+    from coremerge.comparison.clip_zero_shot import PAPER_CLASS_NAMES
+
     preset = find_preset("knots-vit-b32")
-    base, folders = knots_standin(preset, hub_cache.parent, hub_cache)
+    base, folders, data = knots_standin(preset, hub_cache.parent, hub_cache)
     rows, *_ = handlers.preset_view(preset.name)
     values = [p.default for p in handlers.PARAMETERS]
     outputs = handlers.merge_and_compare(preset.name, rows, "ta", "core", 1.0, False, None, "", None, None,
                                          lambda fraction, desc=None: None, *values)
-    zip_path = outputs[7]
-    assert 'id="cm-no-comparison"' in outputs[1]
+    table, zip_path = outputs[1], outputs[7]
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(tmp_path / "download")
     merged = next((tmp_path / "download").rglob("adapter_config.json")).parent
+
+    header, truth, predicted = classification_cells(table)
+    names = [a.name for a in preset.adapters]
+    assert header[:3 + len(names) + 2] == ["image", "task", "label", "Base", *names, "Merged"]
+    tasks = [d.task for d in preset.samples.datasets]
+    assert len(predicted) == 2 * len(tasks) and all(len(row) == len(names) + 2 for row in predicted)
+    for t, task in enumerate(tasks):
+        classes = list(PAPER_CLASS_NAMES.get(task, [f"{task}_class_{i}".replace("_", " ") for i in range(3)]))
+        assert truth[2 * t:2 * t + 2] == [html.escape(classes[data[task][i][1]]) for i in (1, 3)]
+        for column, adapter in [(0, None), (1 + t, folders[t]), (len(names) + 1, merged)]:
+            shown = [html.unescape(row[column]) for row in predicted[2 * t:2 * t + 2]]
+            assert shown == expected_classes(base, adapter, task, data[task], classes), (task, column)
+    assert any(row[0] != row[c] for row in predicted for c in range(1, len(row)))  # the LoRAs change classes
+    # The heads were built on first use and written to the runner's folder: a new ZeroGPU worker (a fork without
+    # this process's memory of them) reads them from there and classifies the same way.
+    runner = runners.runner_for(preset.name, preset.folder)
+    assert sorted(p.name for p in runner.folder.glob("head-*.pt")) == sorted(f"head-{t}.pt" for t in tasks)
+    runner.heads.clear()
+    assert runner.predict("eurosat") == [html.unescape(row[0]) for row in predicted[4:6]]
+    # the footer: each column's right answers on these samples
+    right = [sum(html.unescape(row[c]) == html.unescape(t) for row, t in zip(predicted, truth))
+             for c in range(len(names) + 2)]
+    assert header[-(len(names) + 2):] == [f"{n}/{len(predicted)}" for n in right]
+
     vision = lambda: CLIPModel.from_pretrained(base).vision_model  # noqa: E731
     got = peft_deltas(vision(), merged)
     expected = {}
@@ -279,3 +389,32 @@ def test_knots_vit_b32_merges_offline_and_the_download_is_the_sum_of_the_eight(h
     assert set(got) == set(expected) and len(got) == 2 * 4
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_knots_vit_b32_side_by_side_says_which_dataset_is_missing_offline(hub_cache, tmp_path):
+    import shutil
+
+    preset = find_preset("knots-vit-b32")
+    knots_standin(preset, hub_cache.parent, hub_cache)
+    shutil.rmtree(hub_cache / "datasets--tanganke--gtsrb")
+    rows, *_ = handlers.preset_view(preset.name)
+    values = [p.default for p in handlers.PARAMETERS]
+    with pytest.raises(gr.Error) as raised:
+        handlers.merge_and_compare(preset.name, rows, "ta", "core", 1.0, False, None, "", None, None,
+                                   lambda fraction, desc=None: None, *values)
+    assert raised.value.message.startswith(
+        "dataset tanganke/gtsrb: its test split is not in the local Hub cache and the Hub is offline "
+        "(HF_HUB_OFFLINE=1). Preset knots-vit-b32 needs the Hugging Face Hub; the bundled presets (")
+    assert "\n" not in raised.value.message and str(hub_cache.parent) not in raised.value.message
+
+
+def test_the_paper_prompt_templates_per_task():
+    """gstoica27/KnOTS dataset/templates.py: how many templates each task has, and the ones that are not plain."""
+    from coremerge.comparison.clip_zero_shot import TEMPLATES
+
+    assert {task: len(t) for task, t in TEMPLATES.items()} == {
+        "stanford_cars": 8, "dtd": 8, "eurosat": 3, "gtsrb": 3, "mnist": 1, "resisc45": 18, "sun397": 2, "svhn": 1}
+    assert TEMPLATES["resisc45"][:3] == ("satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}.")
+    assert TEMPLATES["resisc45"][-1] == "aerial view of the {}."
+    assert TEMPLATES["mnist"] == TEMPLATES["svhn"] == ('a photo of the number: "{}".',)
+    assert TEMPLATES["gtsrb"][0].format("stop") == 'a zoomed in photo of a "stop" traffic sign.'

@@ -115,8 +115,8 @@ class DiffusionRunner:
 
 
 def build_runner(preset: Preset, max_new_tokens: int = LIMITS.new_tokens):
-    """The comparison model of a preset: a diffusers pipeline, the bundled evaluators, or a Hub causal LM
-    (answers capped at `max_new_tokens`)."""
+    """The comparison model of a preset: a diffusers pipeline, the bundled evaluators, a Hub causal LM
+    (answers capped at `max_new_tokens`), or CLIP with zero-shot heads on the preset's Hub datasets."""
     if preset.kind == "image-generation":
         return DiffusionRunner(preset.base_model_path)
     if preset.bundled:
@@ -126,8 +126,12 @@ def build_runner(preset: Preset, max_new_tokens: int = LIMITS.new_tokens):
     if preset.kind == "text-generation":
         wanted = int(preset.samples.generation.get("max_new_tokens", 64))
         return CausalLMRunner(preset.base_model, min(wanted, max_new_tokens), preset.tokenizer)
+    if preset.kind == "image-classification" and preset.samples.datasets:
+        from .clip_zero_shot import ClipZeroShotRunner
+
+        return ClipZeroShotRunner(preset.base_model, preset.samples.datasets)
     raise CoreMergeError(f"preset {preset.name}: side-by-side comparison of {preset.kind} Hub presets "
-                         "is not available yet; the merge itself works")
+                         "needs sample datasets in the preset; the merge itself works")
 
 
 @lru_cache(maxsize=4)

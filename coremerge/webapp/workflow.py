@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
+from ..comparison.clip_zero_shot import SAMPLES_PER_TASK, compare_zero_shot
 from ..comparison.images import GenerationSettings, ImageGrid, LoraEntry, compare_images
 from ..comparison.insights import MergeInsights, merge_insights
 from ..comparison.limits import LIMITS, Limits
@@ -178,9 +179,9 @@ def generation_settings(preset: Preset, limits: Optional[Limits] = None) -> Gene
 
 
 def has_comparison(preset: Preset) -> bool:
-    """Side by side runs for text and image generation, and for the bundled classification presets (their heads);
-    Hub classification presets (CLIP zero-shot heads) are merged without it for now."""
-    return preset.kind != "image-classification" or preset.bundled
+    """Side by side runs for text and image generation, for the bundled classification presets (their heads) and
+    for Hub classification presets that name sample datasets (CLIP zero-shot heads)."""
+    return preset.kind != "image-classification" or preset.bundled or bool(preset.samples.datasets)
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def comparison_seconds(job: ComparisonJob, progress: object = None) -> int:
         pixels = settings.width * settings.height / 512 ** 2
         work = variants * len(job.prompts) * settings.num_inference_steps * SECONDS_PER_STEP * billions * pixels
     else:
-        images = max(len(preset.samples.images), 8 * len(preset.samples.datasets))
+        images = max(len(preset.samples.images), SAMPLES_PER_TASK * len(preset.samples.datasets))
         work = variants * images * SECONDS_PER_IMAGE * billions
     low, high = GPU_SECONDS
     return int(min(high, max(low, low + work + SECONDS_PER_ADAPTER * (variants - 1))))
@@ -235,6 +236,8 @@ def run_comparison(job: ComparisonJob, progress: Progress = no_progress):
     preset = job.preset
     runner = runner_for(preset.name, preset.folder)
     report = lambda text: progress(0.45, desc=text)  # noqa: E731
+    if preset.kind == "image-classification" and not preset.bundled:
+        return compare_zero_shot(runner, job.variants, report)
     if preset.kind == "image-classification":
         return compare_classification(runner, sample_images(preset.folder, preset.samples.images), job.variants,
                                       report)
