@@ -20,6 +20,7 @@ def build_app() -> gr.Blocks:
     start_preset = handlers.default_preset()
     start_rows, start_description, start_base, start_prompts, uses_prompts = handlers.preset_view(start_preset)
     start = find_preset(start_preset).merge
+    start_alpha, start_params, start_where = handlers.method_settings(start.method, start_preset)
     with gr.Blocks(title="coremerge", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Row():
@@ -40,18 +41,20 @@ def build_app() -> gr.Blocks:
                 prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
                 method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value=start.method,
-                                     label="Method")
-                method_text = gr.Markdown(handlers.method_info(start.method))
+                                     label="Method", elem_id="method")
+                method_text = gr.Markdown(f"{handlers.method_info(start.method)}\n\n{start_where}",
+                                          elem_id="method-text")
                 space = gr.Radio(list(SPACES), value=start.space, label="Space",
                                  info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
-                alpha = gr.Slider(0.05, 3.0, value=start.alpha, step=0.05, label="alpha (global scale of the merged update)")
+                alpha = gr.Slider(0.05, 3.0, value=start_alpha, step=0.05, label="alpha (global scale of the merged update)",
+                                  elem_id="alpha")
                 with gr.Accordion("Advanced", open=False):
                     isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
                     rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
                     parameters = [
-                        gr.Number(p.default, label=f"{p.name.replace('_', ' ')}: {p.help}", minimum=p.low,
-                                  maximum=p.high, precision=0 if p.kind is int else None,
-                                  visible=p.name in METHODS[start.method].defaults())
+                        gr.Number(start_params.get(p.name, p.default), label=f"{p.name.replace('_', ' ')}: {p.help}",
+                                  minimum=p.low, maximum=p.high, precision=0 if p.kind is int else None,
+                                  visible=p.name in start_params, elem_id=f"parameter-{p.name.replace('_', '-')}")
                         for p in handlers.PARAMETERS
                     ]
                 go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
@@ -78,9 +81,10 @@ def build_app() -> gr.Blocks:
                 pushed = gr.Markdown()
         last_merge = gr.State(None)
 
-        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha])
+        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha]
+                      ).then(handlers.show_method, [method, preset], [method_text, alpha, *parameters])
         uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
-        method.change(handlers.show_method, method, [method_text, *parameters])
+        method.change(handlers.show_method, [method, preset], [method_text, alpha, *parameters])
         go.click(
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
