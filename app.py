@@ -7,7 +7,7 @@ import gradio as gr  # noqa: E402
 from coremerge.merging.methods import METHODS  # noqa: E402
 from coremerge.merging.options import SPACES  # noqa: E402
 from coremerge.presets import find_preset  # noqa: E402
-from coremerge.webapp import handlers  # noqa: E402
+from coremerge.webapp import handlers, method_comparison  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
 
 TITLE = "coremerge: merge LoRA adapters in Core Space"
@@ -58,12 +58,18 @@ def build_app() -> gr.Blocks:
                         for p in handlers.PARAMETERS
                     ]
                 go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
+                compare_all = gr.Button("Compare methods (every method, core and full space)", elem_id="compare-methods")
                 gr.Markdown(handlers.LIMITS_TEXT)
 
         summary = gr.Markdown(elem_id="summary")
         with gr.Tab("Side by side"):
             comparison = gr.HTML(elem_id="comparison")
             accuracy = gr.Plot(label="Per-task accuracy", visible=False)
+        with gr.Tab("Compare methods"):
+            methods_summary = gr.Markdown(elem_id="methods-summary")
+            methods_table = gr.Dataframe(headers=method_comparison.COLUMNS, label="Every method at its tuned settings",
+                                         interactive=False, elem_id="methods-table")
+            methods_chart = gr.Plot(label="Quality, merge time, output rank and size per method", elem_id="methods-chart")
         with gr.Tab("Merge report"):
             report = gr.Markdown(elem_id="report")
             with gr.Row():
@@ -82,14 +88,18 @@ def build_app() -> gr.Blocks:
         last_merge = gr.State(None)
 
         preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha]
-                      ).then(handlers.show_method, [method, preset], [method_text, alpha, *parameters])
+                      ).then(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters])
         uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
-        method.change(handlers.show_method, [method, preset], [method_text, alpha, *parameters])
+        method.change(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters])
         go.click(
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
             concurrency_limit=1, concurrency_id="merge",
+        )
+        compare_all.click(
+            method_comparison.compare_methods_button, [preset, adapters, prompts, hub_token, uploaded],
+            [methods_summary, methods_table, methods_chart], concurrency_limit=1, concurrency_id="merge",
         )
         push.click(handlers.push_to_hub, [last_merge, repo, token, private], pushed, concurrency_limit=2)
     demo.queue(max_size=32)

@@ -103,7 +103,7 @@ def fill_merge_settings(args: argparse.Namespace) -> None:
     preset = find_preset(args.preset)
     args.method = args.method or preset.merge.method
     args.space = args.space or preset.merge.space
-    settings = preset.settings_for(args.method)
+    settings = preset.settings_for(args.method, args.space)
     if args.alpha is None:
         args.alpha = settings.alpha
     for name, value in settings.params.items():

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import CoreMergeError
 from .merging.methods import METHODS
+from .merging.options import SPACES
 
 # A checkout's presets/ folder; an installed package carries the same files as coremerge/presets_data.
 PRESETS_DIR = next((folder for folder in (Path(__file__).resolve().parent / "presets_data",
@@ -76,29 +77,44 @@ class MethodSettings:
     tuned: bool  # True: chosen on the preset's validation split (its `tuned:` block)
 
 
-def check_tuned(tuned: dict[str, dict[str, float]], merge: MergeDefaults) -> None:
+def _check_values(where: str, method: str, settings: dict) -> None:
+    """Each entry a number in its range: alpha > 0, or one of the method's parameters."""
+    known = {p.name: p for p in METHODS[method].parameters}
+    for name, value in settings.items():
+        if name != "alpha" and name not in known:
+            takes = ", ".join(["alpha", *known])
+            raise ValueError(f"{where}.{name}: {method} does not take it (it takes {takes})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}.{name}: {value!r} is not a number")
+        parameter = known.get(name)
+        low, high = (0.0, math.inf) if parameter is None else (parameter.low, parameter.high)
+        low_exclusive = parameter is None or parameter.low_exclusive
+        too_low = value <= low if low_exclusive else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bracket = "(" if low_exclusive else "["
+            raise ValueError(f"{where}.{name}: {value} is out of range {bracket}{low:g}, {high:g}]")
+
+
+def check_tuned(tuned: dict, merge: MergeDefaults) -> None:
     """Raises ValueError naming the first entry of a `tuned:` block that is not a method's alpha or parameter
-    in range, or a tuned alpha of the preset's own method that disagrees with `merge.alpha`."""
+    in range (or, under a space's name, such settings for that space), or a tuned alpha of the preset's own
+    method that disagrees with `merge.alpha`."""
     for method, settings in tuned.items():
         if method not in METHODS:
             raise ValueError(f"tuned.{method}: unknown method; choose among {', '.join(METHODS)}")
-        if "alpha" not in settings:
-            raise ValueError(f"tuned.{method}: give its alpha")
-        known = {p.name: p for p in METHODS[method].parameters}
-        for name, value in settings.items():
-            if name != "alpha" and name not in known:
-                takes = ", ".join(["alpha", *known])
-                raise ValueError(f"tuned.{method}.{name}: {method} does not take it (it takes {takes})")
-            parameter = known.get(name)
-            low, high = (0.0, math.inf) if parameter is None else (parameter.low, parameter.high)
-            low_exclusive = parameter is None or parameter.low_exclusive
-            too_low = value <= low if low_exclusive else value < low
-            if not math.isfinite(value) or too_low or value > high:
-                bracket = "(" if low_exclusive else "["
-                raise ValueError(f"tuned.{method}.{name}: {value} is out of range {bracket}{low:g}, {high:g}]")
+        if not isinstance(settings, dict) or "alpha" not in settings:
+            raise ValueError(f"tuned.{method}: give its alpha, as {{alpha: A, ...}}")
+        by_space = {k: v for k, v in settings.items() if k in SPACES}
+        _check_values(f"tuned.{method}", method, {k: v for k, v in settings.items() if k not in SPACES})
+        for space, values in by_space.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"tuned.{method}.{space}: give the settings that differ in {space} space, "
+                                 "as {alpha: A, ...}")
+            _check_values(f"tuned.{method}.{space}", method, values)
     own = tuned.get(merge.method)
-    if own is not None and own["alpha"] != merge.alpha:
-        raise ValueError(f"tuned.{merge.method}.alpha {own['alpha']:g} differs from merge.alpha {merge.alpha:g} "
+    chosen = None if own is None else {**own, **own.get(merge.space, {})}
+    if chosen is not None and chosen["alpha"] != merge.alpha:
+        raise ValueError(f"tuned.{merge.method}.alpha {chosen['alpha']:g} differs from merge.alpha {merge.alpha:g} "
                          "(the preset's own choice); make them agree")
 
 
@@ -114,8 +130,9 @@ class Preset(_Strict):
     samples: Samples = Field(default_factory=Samples)
     merge: MergeDefaults = Field(default_factory=MergeDefaults)
     # Per method, the settings chosen on the preset's validation split: alpha and any of the method's own
-    # parameters (the rest keep the method's defaults). A method not listed merges at its defaults, alpha 1.
-    tuned: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # parameters (the rest keep the method's defaults), and under a space's name (core, full, knots) the ones
+    # that space's search chose otherwise. A method not listed merges at its defaults, alpha 1.
+    tuned: dict[str, dict] = Field(default_factory=dict)
     bundled: bool = False  # True: every file ships in the repo and works offline
     tokenizer: Optional[str] = None  # text: the adapters' tokenizer (Hub ID), if not the base model's
     folder: Path = Path(".")
@@ -125,11 +142,13 @@ class Preset(_Strict):
         check_tuned(self.tuned, self.merge)
         return self
 
-    def settings_for(self, method: str) -> MethodSettings:
-        """Alpha and parameters to merge this preset's adapters with `method`: its tuned settings if the preset
-        has them, else the preset's alpha for its own method (`merge:`), else alpha 1; parameters not tuned
-        take the method's defaults."""
-        tuned = dict(self.tuned.get(method, {}))
+    def settings_for(self, method: str, space: Optional[str] = None) -> MethodSettings:
+        """Alpha and parameters to merge this preset's adapters with `method` (in `space`; default the preset's):
+        its tuned settings if the preset has them, else the preset's alpha for its own method (`merge:`), else
+        alpha 1; parameters not tuned take the method's defaults."""
+        entry = self.tuned.get(method, {})
+        tuned = {k: v for k, v in entry.items() if k not in SPACES}
+        tuned.update(entry.get(space or self.merge.space, {}))
         alpha = tuned.pop("alpha", self.merge.alpha if method == self.merge.method else 1.0)
         params = {**METHODS[method].defaults(), **tuned}
         return MethodSettings(float(alpha), params, method in self.tuned)

@@ -77,6 +77,7 @@ def test_switching_the_method_on_a_preset_without_tuned_settings_gives_the_defau
     info, alpha, *updates = handlers.show_method("ties", "strings")
     assert alpha == 1.0 and "strings has no tuned settings for it" in info
     assert {p.name: u["value"] for p, u in zip(handlers.PARAMETERS, updates) if u["visible"]} == {"density": 0.2}
+    assert handlers.show_method("ties", "digits", "full")[1] == 1.0  # full space's search chose another alpha
     assert handlers.show_method("ta", "questions")[1] == 0.8  # questions' own choice
     assert handlers.show_method("tsv", "questions")[1] == 0.9
 

@@ -109,6 +109,7 @@ def test_cli_merges_a_preset(tmp_path, capsys):
     (["--method", "ta", "--alpha", "0.5"], ("ta", "core", 0.5, {})),
     (["--method", "ties"], ("ties", "core", 1.5, {"density": 0.4})),  # tuned alpha and density
     (["--method", "ties", "--density", "0.7"], ("ties", "core", 1.5, {"density": 0.7})),  # one flag overrides one
+    (["--method", "ties", "--space", "full"], ("ties", "full", 1.0, {"density": 0.4})),  # full space's own alpha
     (["--method", "cart"], ("cart", "core", 2.0, {"rank_fraction": 0.04, "cart_lambda": 0.1})),  # tuned alpha, default parameters
 ])
 def test_cli_preset_merges_with_the_preset_settings_unless_flags_say_otherwise(tmp_path, flags, expected):
@@ -149,9 +150,12 @@ TUNED = MINIMAL + "merge: {method: tsv, space: core, alpha: 0.7}\n"
 
 
 def test_tuned_settings_per_method(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(TUNED + "tuned:\n  tsv: {alpha: 0.7}\n  ties: {alpha: 1.5, density: 0.4}\n")
+    (tmp_path / "tiny.yaml").write_text(
+        TUNED + "tuned:\n  tsv: {alpha: 0.7}\n  ties: {alpha: 1.5, density: 0.4, full: {alpha: 1.0}}\n")
     preset = load_preset(tmp_path / "tiny.yaml")
-    assert preset.settings_for("ties") == MethodSettings(1.5, {"density": 0.4}, tuned=True)
+    assert preset.settings_for("ties") == MethodSettings(1.5, {"density": 0.4}, tuned=True)  # the preset's space
+    assert preset.settings_for("ties", "core") == MethodSettings(1.5, {"density": 0.4}, tuned=True)
+    assert preset.settings_for("ties", "full") == MethodSettings(1.0, {"density": 0.4}, tuned=True)  # its own alpha
     assert preset.settings_for("tsv") == MethodSettings(0.7, {}, tuned=True)
     # not tuned: the method's defaults and alpha 1
     assert preset.settings_for("dare") == MethodSettings(1.0, {"density": 0.9, "seed": 0}, tuned=False)
@@ -167,10 +171,14 @@ def test_tuned_settings_per_method(tmp_path):
     ("  ties: {density: 0.4}", "tuned.ties: give its alpha"),
     ("  ta: {alpha: 0.4, density: 0.5}", "tuned.ta.density: ta does not take it (it takes alpha)"),
     ("  ties: {alpha: 1.5, density: 1.5}", "tuned.ties.density: 1.5 is out of range (0, 1]"),
-    ("  ta: {alpha: -1}", "tuned.ta.alpha: -1.0 is out of range (0, inf]"),
+    ("  ta: {alpha: -1}", "tuned.ta.alpha: -1 is out of range (0, inf]"),
     ("  ta: {alpha: .nan}", "tuned.ta.alpha: nan is out of range"),
     ("  tsv: {alpha: 0.5}", "tuned.tsv.alpha 0.5 differs from merge.alpha 0.7 (the preset's own choice)"),
-    ("  ta: {alpha: high}", "tuned.ta.alpha: Input should be a valid number"),
+    ("  ta: {alpha: high}", "tuned.ta.alpha: 'high' is not a number"),
+    ("  ta: {alpha: 0.4, full: 2}", "tuned.ta.full: give the settings that differ in full space, as {alpha: A, ...}"),
+    ("  ties: {alpha: 1.5, full: {density: 2}}", "tuned.ties.full.density: 2 is out of range (0, 1]"),
+    ("  tsv: {alpha: 0.7, core: {alpha: 0.5}}", "tuned.tsv.alpha 0.5 differs from merge.alpha 0.7"),
+    ("  ta: 0.4", "tuned.ta: Input should be a valid dictionary"),
 ])
 def test_bad_tuned_blocks(tmp_path, block, message):
     (tmp_path / "bad.yaml").write_text(TUNED + "tuned:\n" + block + "\n")

@@ -130,13 +130,13 @@ def method_info(method: str) -> str:
     return f"**{chosen.display_name}**: {chosen.summary} [Paper]({chosen.paper_url})"
 
 
-def method_settings(method: str, preset_name: Optional[str]) -> tuple[float, dict, str]:
-    """Alpha, parameters and a line saying where they come from, for `method` on the preset (its tuned settings;
-    without a preset or tuned settings, the method's defaults at alpha 1, or the preset's own alpha)."""
+def method_settings(method: str, preset_name: Optional[str], space: Optional[str] = None) -> tuple[float, dict, str]:
+    """Alpha, parameters and a line saying where they come from, for `method` on the preset in `space` (its tuned
+    settings; without a preset or tuned settings, the method's defaults at alpha 1, or the preset's own alpha)."""
     if not preset_name:
         return 1.0, get_method(method).defaults(), "Settings: the method's defaults, alpha 1."
     preset = find_preset(validation.preset_name(preset_name))
-    settings = preset.settings_for(method)
+    settings = preset.settings_for(method, validation.space_name(space) if space else None)
     values = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in
                        {"alpha": settings.alpha, **settings.params}.items() if name != "seed")
     where = ("tuned on this preset's validation split" if settings.tuned
@@ -145,11 +145,11 @@ def method_settings(method: str, preset_name: Optional[str]) -> tuple[float, dic
 
 
 @user_errors
-def show_method(method: str, preset_name: Optional[str] = None):
-    """Method picked: its explanation, and the preset's tuned alpha and parameters for it (only its parameters
-    shown); the method's defaults where the preset has none."""
+def show_method(method: str, preset_name: Optional[str] = None, space: Optional[str] = None):
+    """Method picked: its explanation, and the preset's tuned alpha and parameters for it in the page's space (only
+    its parameters shown); the method's defaults where the preset has none."""
     method = validation.method_name(method)
-    alpha, params, where = method_settings(method, preset_name)
+    alpha, params, where = method_settings(method, preset_name, space)
     updates = [gr.update(visible=p.name in params, value=params.get(p.name, p.default)) for p in PARAMETERS]
     return (f"{method_info(method)}\n\n{where}", alpha, *updates)
 

@@ -1,0 +1,130 @@
+"""The page's "Compare methods": every method at the preset's tuned settings in core and full space, its quality
+checked against an independent evaluation (transformers + peft, the committed heads), through the real server."""
+
+import json
+
+import gradio as gr
+import pytest
+import torch
+import yaml
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import ViTModel
+
+from coremerge import MergeOptions, merge_to_folder
+from coremerge.bundled.digits import task_data
+from coremerge.merging.methods import METHODS
+from coremerge.presets import PRESETS_DIR, find_preset
+from coremerge.webapp import handlers, method_comparison
+from coremerge.webapp.method_comparison import COLUMNS, merge_every_method, quality_plan
+from coremerge.webapp.sources import refusal
+from coremerge.webapp.workflow import AdapterRow, MergeRequest
+
+DIGITS = find_preset("digits")
+ROWS = [[a.source, a.name, a.weight] for a in DIGITS.adapters]
+TUNED = yaml.safe_load((PRESETS_DIR / "digits.yaml").read_text())["tuned"]  # read from the file, not the parser
+
+
+@torch.no_grad()
+def head_accuracy(model, head_folder, task) -> float:
+    """Test accuracy of a task: the [CLS] embedding of the last hidden state through the task's committed head."""
+    head = load_file(head_folder / "head.safetensors")
+    images, labels = task_data(task, "test")
+    logits = model(pixel_values=images).last_hidden_state[:, 0] @ head["weight"].T + head["bias"]
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def independent_normalized_accuracy(merged_folder) -> float:
+    """Average over tasks of merged accuracy / own adapter accuracy, with plain transformers + peft."""
+    def accuracy(adapter_folder, task, head_folder):
+        base = ViTModel.from_pretrained(str(DIGITS.folder / DIGITS.base_model), add_pooling_layer=False).eval()
+        return head_accuracy(PeftModel.from_pretrained(base, str(adapter_folder)).eval(), head_folder, task)
+
+    ratios = []
+    for adapter in DIGITS.adapters:
+        own = DIGITS.folder / adapter.source
+        ratios.append(accuracy(merged_folder, adapter.task, own) / accuracy(own, adapter.task, own))
+    return sum(ratios) / len(ratios)
+
+
+def library_merge(folder, method, space):
+    """The library's merge of the preset's adapters at the settings the YAML file gives `method` in `space`."""
+    settings = {k: v for k, v in TUNED[method].items() if k not in ("core", "full", "knots")}
+    settings.update(TUNED[method].get(space, {}))
+    alpha = settings.pop("alpha")
+    return merge_to_folder([str(DIGITS.folder / a.source) for a in DIGITS.adapters],
+                           MergeOptions.create(method=method, space=space, alpha=alpha, **settings), folder)
+
+
+def check_row(row, folder, report, method, space):
+    """A table row against the library's merge at the same settings and an independent evaluation of it."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    rank = max([config["r"], *config.get("rank_pattern", {}).values()])
+    assert row[:2] == [METHODS[method].display_name, space]
+    assert row[3] == f"{independent_normalized_accuracy(folder):.3f}"
+    assert int(row[5]) == rank
+    assert row[6] == f"{(folder / 'adapter_model.safetensors').stat().st_size / 1e6:.2f}"
+    assert row[6] == f"{report['bytes']['out'] / 1e6:.2f}"
+
+
+def test_compare_methods_through_the_server(app_server, tmp_path):
+    client = Client(app_server, verbose=False)
+    summary, table, chart = client.predict("digits", {"headers": handlers.ADAPTER_COLUMNS, "data": ROWS,
+                                                      "metadata": None}, "", "", None,
+                                           api_name="/compare_methods_button")
+    assert table["headers"] == COLUMNS
+    rows = table["data"]
+    assert [(r[0], r[1]) for r in rows] == [(m.display_name, s) for m in METHODS.values() for s in ("core", "full")]
+    assert all(r[3] != "n/a" and float(r[4]) >= 0 and r[7] == "" for r in rows)  # every merge ran and was scored
+    assert summary.startswith("**Quality**: average normalized accuracy on the test split of 8 task(s)")
+    assert "16 of 16 merges ran on CPU" in summary
+    assert chart["type"] == "matplotlib"
+    by_cell = {(r[0], r[1]): r for r in rows}
+    for method, space in (("ta", "core"), ("ties", "full")):  # ties in full space: its own tuned alpha there
+        folder = tmp_path / f"{method}-{space}"
+        report = library_merge(folder, method, space)
+        check_row(by_cell[(METHODS[method].display_name, space)], folder, report, method, space)
+    assert by_cell[("TIES", "full")][2] == "alpha 1, density 0.4"
+    assert by_cell[("TIES", "core")][2] == "alpha 1.5, density 0.4"
+
+
+def test_compare_methods_refuses_what_the_merge_refuses(cache):
+    rows = ROWS[:2] + [["/etc/passwd", "X", 1]]
+    for handler, args in ((handlers.merge_and_compare, ("digits", rows, "ta", "core", 0.4, False, None, "", "", None)),
+                          (method_comparison.compare_methods_button, ("digits", rows, "", "", None))):
+        with pytest.raises(gr.Error) as error:
+            handler(*args)
+        assert error.value.message == str(refusal(3))
+    with pytest.raises(gr.Error) as error:
+        method_comparison.compare_methods_button("digits", [ROWS[0], [ROWS[1][0], "B", float("nan")]], "", "", None)
+    assert error.value.message == "adapter row 2, weight: nan is out of range; give a number in [-10, 10]"
+    assert cache.folders() == []  # nothing left behind
+
+
+def test_the_merge_budget_skips_the_rest(tmp_path):
+    request = MergeRequest(DIGITS, tuple(AdapterRow(s, n, w) for s, n, w in ROWS[:2]), MergeOptions.create())
+    runs = merge_every_method(request, [DIGITS.resolve(r[0]) for r in ROWS[:2]], tmp_path, budget=0.0)
+    assert len(runs) == 2 * len(METHODS) and runs[0].folder is not None  # the first merge always runs
+    assert all(run.folder is None and run.note == "skipped: the 0 s merge budget was used up" for run in runs[1:])
+    rows = method_comparison.table_rows(method_comparison.MethodComparison(runs, "q", {}))
+    assert rows[1][3:7] == ["n/a", "n/a", "n/a", "n/a"]
+
+
+def test_image_presets_have_no_quality_and_say_why():
+    preset = find_preset("sd15-styles")
+    request = MergeRequest(preset, tuple(AdapterRow(a.source, a.name) for a in preset.adapters), MergeOptions.create(),
+                           tuple(preset.samples.prompts))
+    assert quality_plan(request, preset.adapter_sources) == (
+        "n/a: image presets have no expected answers to score generated images against", (), ())
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    from coremerge.webapp.cache import ResultCache
+
+    cache = ResultCache(root=tmp_path / "cache")
+    monkeypatch.setattr(handlers, "CACHE", cache)
+    monkeypatch.setattr(method_comparison, "CACHE", cache)
+    return cache
