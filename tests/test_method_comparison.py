@@ -22,6 +22,8 @@ from coremerge.webapp.method_comparison import COLUMNS, merge_every_method, qual
 from coremerge.webapp.sources import refusal
 from coremerge.webapp.workflow import AdapterRow, MergeRequest
 
+from test_app_hostile import HOSTILE, Reached, outcome_of
+
 DIGITS = find_preset("digits")
 ROWS = [[a.source, a.name, a.weight] for a in DIGITS.adapters]
 TUNED = yaml.safe_load((PRESETS_DIR / "digits.yaml").read_text())["tuned"]  # read from the file, not the parser
@@ -128,3 +130,51 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(handlers, "CACHE", cache)
     monkeypatch.setattr(method_comparison, "CACHE", cache)
     return cache
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=lambda v: repr(v)[:20])
+def test_compare_methods_with_a_hostile_value(cache, monkeypatch, value):
+    """As the merge button: each argument or table cell hostile gives a result or one clean line (test_app_hostile)."""
+    def stop(request, folder, progress=None, score=None, budget=None):
+        raise Reached()
+
+    monkeypatch.setattr(method_comparison, "compare_methods", stop)
+    args = ["digits", [list(r) for r in ROWS[:2]], "", "", None]
+    for position in range(len(args)):
+        hostile = list(args)
+        hostile[position] = value
+        outcome_of(method_comparison.compare_methods_button, *hostile)
+    for row in range(2):
+        for column in range(3):
+            table = [list(r) for r in ROWS[:2]]
+            table[row][column] = value
+            outcome_of(method_comparison.compare_methods_button, "digits", table, "", "", None)
+    assert cache.folders() == []
+
+
+def test_compare_methods_on_a_text_preset_scores_exact_match(tmp_path):
+    """questions: exact match on the page's prompts; TA's row equals plain transformers + peft greedy answers of
+    the library's merge at TA's tuned alpha, against the answers in the preset's test.jsonl."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    preset = find_preset("questions")
+    rows = [[a.source, a.name, a.weight] for a in preset.adapters]
+    answers = {json.loads(line)["prompt"]: json.loads(line)["answer"]
+               for line in (preset.folder / "questions" / "test.jsonl").read_text().splitlines()}
+    prompts = [p for p in preset.samples.prompts if p in answers][:4]
+    assert len(prompts) == 4
+    summary, table, _ = method_comparison.compare_methods_button(
+        "questions", rows, "\n".join(p.replace("\n", "\\n") for p in prompts), "", None)
+    assert summary.startswith("**Quality**: exact match on the 4 prompt(s) on the page with an expected answer")
+    alpha = yaml.safe_load((PRESETS_DIR / "questions.yaml").read_text())["tuned"]["ta"]["alpha"]
+    merge_to_folder([str(preset.folder / a.source) for a in preset.adapters],
+                    MergeOptions.create(method="ta", space="core", alpha=alpha), tmp_path / "ta")
+    tokenizer = AutoTokenizer.from_pretrained(str(preset.folder / preset.base_model))
+    base = AutoModelForCausalLM.from_pretrained(str(preset.folder / preset.base_model), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "ta")).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        output = model.generate(**batch, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    said = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    exact = sum(s.split("\n")[0].strip() == answers[p] for s, p in zip(said, prompts)) / len(prompts)
+    assert table[0][:4] == ["Task Arithmetic", "core", f"alpha {alpha:g}", f"{exact:.3f}"]
