@@ -178,3 +178,52 @@ def test_compare_methods_on_a_text_preset_scores_exact_match(tmp_path):
     said = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     exact = sum(s.split("\n")[0].strip() == answers[p] for s, p in zip(said, prompts)) / len(prompts)
     assert table[0][:4] == ["Task Arithmetic", "core", f"alpha {alpha:g}", f"{exact:.3f}"]
+
+
+@pytest.fixture
+def zerogpu(monkeypatch, tmp_path):
+    """method_comparison re-imported under test_zerogpu's stand-in for spaces.GPU (a forked worker per call);
+    model loads and the scoring's use of the model logged with their process."""
+    import importlib
+    import os
+
+    import spaces
+
+    from coremerge.comparison import runners
+    from coremerge.webapp.cache import ResultCache
+    from test_zerogpu import fork_per_call
+
+    durations, log = [], tmp_path / "processes.log"
+
+    def logged(what, function):
+        def run(*args, **kwargs):
+            with open(log, "a") as out:
+                out.write(f"{what} {os.getpid()}\n")
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(spaces, "GPU", fork_per_call(durations))
+    monkeypatch.setattr(runners, "build_runner", logged("load", runners.build_runner))
+    runners.runner_for.cache_clear()
+    importlib.reload(method_comparison)
+    monkeypatch.setattr(method_comparison, "CACHE", ResultCache(root=tmp_path / "cache"))
+    monkeypatch.setattr(method_comparison, "runner_for", logged("use", method_comparison.runner_for))
+    yield durations, log
+    monkeypatch.undo()
+    importlib.reload(method_comparison)
+    runners.runner_for.cache_clear()
+
+
+def test_under_zerogpu_the_model_loads_once_and_only_the_scoring_runs_in_the_worker(zerogpu):
+    import os
+
+    from test_zerogpu import processes
+
+    durations, log = zerogpu
+    summary, rows, _ = method_comparison.compare_methods_button("digits", ROWS[:2], "", "", None)
+    assert processes(log, "load") == [os.getpid()]  # in the main process, before the fork
+    workers = set(processes(log, "use")) - {os.getpid()}
+    assert len(workers) == 1  # one GPU call scores every merge
+    assert len(durations) == 1 and 15 <= durations[0] <= 300
+    assert all(row[3] != "n/a" for row in rows)  # the scores came back through pickle
+    assert summary.startswith("**Quality**: average normalized accuracy on the test split of 2 task(s)")
