@@ -88,9 +88,11 @@ def build_app() -> gr.Blocks:
         last_merge = gr.State(None)
 
         preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha]
-                      ).then(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters])
+                      ).then(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters],
+                             api_name="preset_method_settings", api_visibility="private")
         uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
-        method.change(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters])
+        method.change(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters],
+                      api_name="show_method")
         go.click(
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],

@@ -92,6 +92,18 @@ def test_compare_methods_through_the_server(app_server, tmp_path):
     assert by_cell[("TIES", "core")][2] == "alpha 1.5, density 0.4"
 
 
+def test_switching_the_method_through_the_server_applies_its_tuned_settings(app_server):
+    client = Client(app_server, verbose=False)
+    by_name = dict(zip((p.name for p in handlers.PARAMETERS), range(len(handlers.PARAMETERS))))
+    for method, space in (("ta", "core"), ("ties", "core"), ("ties", "full"), ("cart", "core")):
+        info, alpha, *parameters = client.predict(method, "digits", space, api_name="/show_method")
+        settings = {k: v for k, v in TUNED[method].items() if k not in ("core", "full", "knots")}
+        settings.update(TUNED[method].get(space, {}))
+        assert alpha == settings.pop("alpha") and "tuned on this preset's validation split" in info
+        for name, value in settings.items():
+            assert parameters[by_name[name]]["value"] == value and parameters[by_name[name]]["visible"]
+
+
 def test_compare_methods_refuses_what_the_merge_refuses(cache):
     rows = ROWS[:2] + [["/etc/passwd", "X", 1]]
     for handler, args in ((handlers.merge_and_compare, ("digits", rows, "ta", "core", 0.4, False, None, "", "", None)),
