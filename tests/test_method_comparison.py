@@ -239,3 +239,17 @@ def test_under_zerogpu_the_model_loads_once_and_only_the_scoring_runs_in_the_wor
     assert len(durations) == 1 and 15 <= durations[0] <= 300
     assert all(row[3] != "n/a" for row in rows)  # the scores came back through pickle
     assert summary.startswith("**Quality**: average normalized accuracy on the test split of 2 task(s)")
+
+
+def test_a_method_that_cannot_merge_the_rows_is_one_row_note_not_a_failed_comparison(cache):
+    """The same adapter at weights 1 and -1: TA's sum is zero (nothing to write), DARE's random drops are not."""
+    source = DIGITS.adapters[0].source
+    summary, rows, _ = method_comparison.compare_methods_button(
+        "digits", [[source, "A", 1], [source, "minus A", -1]], "", "", None)
+    by_cell = {(r[0], r[1]): r for r in rows}
+    ta = by_cell[("Task Arithmetic", "core")]
+    assert ta[3:] == ["n/a", "n/a", "n/a", "n/a",
+                      "failed: the merged update is zero in every module (do the weights cancel?); nothing to write"]
+    dare = by_cell[("DARE", "core")]
+    assert dare[7] == "" and dare[3] != "n/a" and int(dare[5]) > 0
+    assert cache.folders() == []

@@ -2,7 +2,7 @@
 and one chart of quality, merge time, output rank and output size.
 
 Bounded in time three ways: the merges run here, on CPU, one after another, and no new merge starts once
-MERGE_BUDGET seconds have passed (the rest are listed as skipped); all the merges are scored in one call of
+MERGE_BUDGET seconds have passed (the rest are listed as skipped; a started merge finishes); all the merges are scored in one call of
 `score_merges`, the function the app runs under ZeroGPU like the side by side, with a GPU time asked for from the
 work; and the work itself is the preset's evaluation sample: the test split of each task (bundled classification
 presets, as the side by side's accuracy) or the prompts on the page that have an expected answer (bundled text
@@ -98,7 +98,11 @@ def merge_every_method(request: MergeRequest, sources: Sequence[str], workdir: P
         options = MergeOptions.create(method=method, space=space, weights=weights, alpha=settings.alpha,
                                       **settings.params)
         folder = Path(workdir) / f"{method}-{space}"
-        report = merge_to_folder(list(sources), options, folder)
+        try:
+            report = merge_to_folder(list(sources), options, folder)
+        except CoreMergeError as error:  # this method cannot merge these rows (weights that cancel, say)
+            runs.append(replace(run, note=f"failed: {' '.join(str(error).split())}"))
+            continue
         ranks = [m["output_rank"] for m in report["modules"].values()]
         runs.append(replace(run, folder=str(folder), merge_seconds=report["seconds"]["merging"],
                             output_rank=max(ranks, default=0), output_bytes=report["bytes"]["out"]))
@@ -273,4 +277,5 @@ def compare_methods_button(preset_name: str, table, prompts_text: str, hub_token
                 raise type(error)(scrub(str(error), trusted)) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    comparison = replace(comparison, runs=[replace(run, note=scrub(run.note, trusted)) for run in comparison.runs])
     return summary_markdown(comparison), table_rows(comparison), comparison_chart(comparison)
