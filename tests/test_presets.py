@@ -189,11 +189,11 @@ def test_bad_tuned_blocks(tmp_path, block, message):
 
 
 def test_bundled_presets_tuned_blocks():
-    """digits: every method tuned on validation; questions: TA and TSV (the build's search); strings: none (no
-    setting scores above 0 there); Hub presets: none (no cited validation search)."""
+    """digits and questions: every method tuned on validation; strings: none (no setting scores above 0 there);
+    Hub presets: none (no cited validation search)."""
     tuned = {p.name: set(p.tuned) for p in list_presets()}
     assert tuned.pop("digits") == set(METHODS)
-    assert tuned.pop("questions") == {"ta", "tsv"}
+    assert tuned.pop("questions") == set(METHODS)
     assert all(not methods for methods in tuned.values()), tuned
 
 
