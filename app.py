@@ -46,8 +46,8 @@ def build_app() -> gr.Blocks:
                                           elem_id="method-text")
                 space = gr.Radio(list(SPACES), value=start.space, label="Space",
                                  info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
-                alpha = gr.Slider(0.05, 3.0, value=start_alpha, step=0.05, label="alpha (global scale of the merged update)",
-                                  elem_id="alpha")
+                alpha = gr.Slider(0.05, 3.0, value=start_alpha, step=0.05,
+                                  label="alpha (global scale of the merged update)", elem_id="alpha")
                 with gr.Accordion("Advanced", open=False):
                     isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
                     rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
@@ -58,7 +58,8 @@ def build_app() -> gr.Blocks:
                         for p in handlers.PARAMETERS
                     ]
                 go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
-                compare_all = gr.Button("Compare methods (every method, core and full space)", elem_id="compare-methods")
+                compare_all = gr.Button("Compare methods (every method, core and full space)",
+                                        elem_id="compare-methods")
                 gr.Markdown(handlers.LIMITS_TEXT)
 
         summary = gr.Markdown(elem_id="summary")
@@ -69,7 +70,8 @@ def build_app() -> gr.Blocks:
             methods_summary = gr.Markdown(elem_id="methods-summary")
             methods_table = gr.Dataframe(headers=method_comparison.COLUMNS, label="Every method at its tuned settings",
                                          interactive=False, elem_id="methods-table")
-            methods_chart = gr.Plot(label="Quality, merge time, output rank and size per method", elem_id="methods-chart")
+            methods_chart = gr.Plot(label="Quality, merge time, output rank and size per method",
+                                    elem_id="methods-chart")
         with gr.Tab("Merge report"):
             report = gr.Markdown(elem_id="report")
             with gr.Row():

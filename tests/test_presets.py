@@ -110,7 +110,8 @@ def test_cli_merges_a_preset(tmp_path, capsys):
     (["--method", "ties"], ("ties", "core", 1.5, {"density": 0.4})),  # tuned alpha and density
     (["--method", "ties", "--density", "0.7"], ("ties", "core", 1.5, {"density": 0.7})),  # one flag overrides one
     (["--method", "ties", "--space", "full"], ("ties", "full", 1.0, {"density": 0.4})),  # full space's own alpha
-    (["--method", "cart"], ("cart", "core", 2.0, {"rank_fraction": 0.04, "cart_lambda": 0.1})),  # tuned alpha, default parameters
+    # tuned alpha, default parameters
+    (["--method", "cart"], ("cart", "core", 2.0, {"rank_fraction": 0.04, "cart_lambda": 0.1})),
 ])
 def test_cli_preset_merges_with_the_preset_settings_unless_flags_say_otherwise(tmp_path, flags, expected):
     from coremerge.cli import main

@@ -2,11 +2,11 @@
 and one chart of quality, merge time, output rank and output size.
 
 Bounded in time three ways: the merges run here, on CPU, one after another, and no new merge starts once
-MERGE_BUDGET seconds have passed (the rest are listed as skipped; a started merge finishes); all the merges are scored in one call of
-`score_merges`, the function the app runs under ZeroGPU like the side by side, with a GPU time asked for from the
-work; and the work itself is the preset's evaluation sample: the test split of each task (bundled classification
-presets, as the side by side's accuracy) or the prompts on the page that have an expected answer (bundled text
-presets). Image presets have no expected answers: their quality is "n/a".
+MERGE_BUDGET seconds have passed (the rest are listed as skipped; a started merge finishes); all the merges are
+scored in one call of `score_merges`, the function the app runs under ZeroGPU like the side by side, with a GPU time
+asked for from the work; and the work itself is the preset's evaluation sample: the test split of each task
+(bundled classification presets, as the side by side's accuracy) or the prompts on the page that have an expected
+answer (bundled text presets). Image presets have no expected answers: their quality is "n/a".
 """
 
 import math
@@ -206,7 +206,8 @@ def table_rows(comparison: MethodComparison) -> list[list]:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     return [[METHODS[run.method].display_name, run.space, run.settings + ("" if run.tuned else " (defaults)"),
-             number(run.quality, 3), number(run.merge_seconds, 3), "n/a" if run.output_rank is None else run.output_rank,
+             number(run.quality, 3), number(run.merge_seconds, 3),
+             "n/a" if run.output_rank is None else run.output_rank,
              number(None if run.output_bytes is None else run.output_bytes / 1e6, 2), run.note]
             for run in comparison.runs]
 
