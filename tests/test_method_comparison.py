@@ -253,3 +253,19 @@ def test_a_method_that_cannot_merge_the_rows_is_one_row_note_not_a_failed_compar
     dare = by_cell[("DARE", "core")]
     assert dare[7] == "" and dare[3] != "n/a" and int(dare[5]) > 0
     assert cache.folders() == []
+
+
+def test_uploaded_adapters_of_another_model_are_compared_without_a_quality_and_leave_nothing(cache, adapters,
+                                                                                              tmp_path):
+    """An uploaded zip goes through the same upload checks as for the merge; no preset runs its model, so the
+    quality is "n/a" with the merge's own reason, and the merges still run."""
+    from test_app_uploads import zipped
+
+    members = {f"llama/{p.name}": p.read_bytes() for p in adapters["plain"].iterdir() if p.is_file()}
+    archive = zipped(tmp_path, "llama.zip", members)
+    summary, rows, _ = method_comparison.compare_methods_button("digits", [["upload:llama.zip", "Llama", 1.0]], "",
+                                                                "", [str(archive)])
+    assert summary.startswith("**Quality**: n/a: these adapters are for coremerge-tests/tiny-llama, and preset "
+                              "digits runs coremerge/digits-vit; no preset here runs that model")
+    assert "16 of 16 merges ran" in summary and all(row[3] == "n/a" for row in rows)
+    assert str(tmp_path) not in summary + repr(rows) and cache.folders() == []

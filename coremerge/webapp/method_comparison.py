@@ -154,8 +154,10 @@ def quality_plan(request: MergeRequest, sources: Sequence[str]) -> tuple[str, tu
     preset = request.preset
     if preset.kind == "image-generation":
         return "n/a: image presets have no expected answers to score generated images against", (), ()
-    if request.no_comparison:
-        return f"n/a: {request.no_comparison}", (), ()
+    if request.no_comparison:  # the side by side's reason, in this table's words
+        reason = request.no_comparison.removeprefix("No side by side: ").removesuffix(
+            " The merged adapter, its report and the download are ready.").rstrip(".")
+        return f"n/a: {reason}", (), ()
     if not has_comparison(preset):
         return "n/a: this preset's zero-shot heads are not evaluated in the app yet; the merges are compared", (), ()
     if preset.kind == "image-classification":
