@@ -7,7 +7,7 @@ import gradio as gr  # noqa: E402
 from coremerge.merging.methods import METHODS  # noqa: E402
 from coremerge.merging.options import SPACES  # noqa: E402
 from coremerge.presets import find_preset  # noqa: E402
-from coremerge.webapp import handlers  # noqa: E402
+from coremerge.webapp import handlers, method_comparison  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
 
 TITLE = "coremerge: merge LoRA adapters in Core Space"
@@ -20,6 +20,7 @@ def build_app() -> gr.Blocks:
     start_preset = handlers.default_preset()
     start_rows, start_description, start_base, start_prompts, uses_prompts = handlers.preset_view(start_preset)
     start = find_preset(start_preset).merge
+    start_alpha, start_params, start_where = handlers.method_settings(start.method, start_preset)
     with gr.Blocks(title="coremerge", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Row():
@@ -40,27 +41,37 @@ def build_app() -> gr.Blocks:
                 prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
                 method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value=start.method,
-                                     label="Method")
-                method_text = gr.Markdown(handlers.method_info(start.method))
+                                     label="Method", elem_id="method")
+                method_text = gr.Markdown(f"{handlers.method_info(start.method)}\n\n{start_where}",
+                                          elem_id="method-text")
                 space = gr.Radio(list(SPACES), value=start.space, label="Space",
                                  info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
-                alpha = gr.Slider(0.05, 3.0, value=start.alpha, step=0.05, label="alpha (global scale of the merged update)")
+                alpha = gr.Slider(0.05, 3.0, value=start_alpha, step=0.05,
+                                  label="alpha (global scale of the merged update)", elem_id="alpha")
                 with gr.Accordion("Advanced", open=False):
                     isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
                     rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
                     parameters = [
-                        gr.Number(p.default, label=f"{p.name.replace('_', ' ')}: {p.help}", minimum=p.low,
-                                  maximum=p.high, precision=0 if p.kind is int else None,
-                                  visible=p.name in METHODS[start.method].defaults())
+                        gr.Number(start_params.get(p.name, p.default), label=f"{p.name.replace('_', ' ')}: {p.help}",
+                                  minimum=p.low, maximum=p.high, precision=0 if p.kind is int else None,
+                                  visible=p.name in start_params, elem_id=f"parameter-{p.name.replace('_', '-')}")
                         for p in handlers.PARAMETERS
                     ]
                 go = gr.Button("Merge & compare", variant="primary", elem_id="merge-button")
+                compare_all = gr.Button("Compare methods (every method, core and full space)",
+                                        elem_id="compare-methods")
                 gr.Markdown(handlers.LIMITS_TEXT)
 
         summary = gr.Markdown(elem_id="summary")
         with gr.Tab("Side by side"):
             comparison = gr.HTML(elem_id="comparison")
             accuracy = gr.Plot(label="Per-task accuracy", visible=False)
+        with gr.Tab("Compare methods"):
+            methods_summary = gr.Markdown(elem_id="methods-summary")
+            methods_table = gr.Dataframe(headers=method_comparison.COLUMNS, label="Every method at its tuned settings",
+                                         interactive=False, elem_id="methods-table")
+            methods_chart = gr.Plot(label="Quality, merge time, output rank and size per method",
+                                    elem_id="methods-chart")
         with gr.Tab("Merge report"):
             report = gr.Markdown(elem_id="report")
             with gr.Row():
@@ -78,14 +89,21 @@ def build_app() -> gr.Blocks:
                 pushed = gr.Markdown()
         last_merge = gr.State(None)
 
-        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha])
+        preset.change(handlers.show_preset, preset, [adapters, description, base_model, prompts, method, space, alpha]
+                      ).then(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters],
+                             api_name="preset_method_settings", api_visibility="private")
         uploaded.upload(handlers.add_upload_rows, [uploaded, adapters], adapters)
-        method.change(handlers.show_method, method, [method_text, *parameters])
+        method.change(handlers.show_method, [method, preset, space], [method_text, alpha, *parameters],
+                      api_name="show_method")
         go.click(
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
             concurrency_limit=1, concurrency_id="merge",
+        )
+        compare_all.click(
+            method_comparison.compare_methods_button, [preset, adapters, prompts, hub_token, uploaded],
+            [methods_summary, methods_table, methods_chart], concurrency_limit=1, concurrency_id="merge",
         )
         push.click(handlers.push_to_hub, [last_merge, repo, token, private], pushed, concurrency_limit=2)
     demo.queue(max_size=32)

@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("sources", nargs="*", metavar="SOURCE", help="adapter: Hub ID, local folder or file")
     merge.add_argument("--preset", metavar="NAME",
-                       help="merge a preset's adapters (with its weights) instead, with the preset's merge settings "
-                            "(method, space, alpha) where no flag gives them")
+                       help="merge a preset's adapters (with its weights) instead, with the preset's method and space "
+                            "and the alpha and parameters it tuned for the method used, where no flag gives them")
     merge.add_argument("--output", required=True, metavar="DIR", help="folder to write the adapter to")
     merge.add_argument("--method", choices=list(METHODS), help="merge method (default tsv, or the preset's)")
     merge.add_argument("--space", choices=SPACES, help="merge space (default core, or the preset's)")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per SOURCE (default 1)")
     merge.add_argument("--alpha", type=float,
-                       help="global scale of the merged update (default 1, or the preset's alpha for its method)")
+                       help="global scale of the merged update (default 1, or the preset's tuned alpha for the method)")
     for name, p in method_parameter_flags().items():
         takers = ", ".join(m.name for m in METHODS.values() if any(q.name == name for q in m.parameters))
         defaults = " / ".join(dict.fromkeys(f"{q.default:g}" for m in METHODS.values() for q in m.parameters
@@ -96,15 +96,21 @@ def sources_and_weights(args: argparse.Namespace) -> tuple[list[str], Optional[l
 
 
 def fill_merge_settings(args: argparse.Namespace) -> None:
-    """--method, --space and --alpha not given: the preset's merge settings with --preset, else tsv, core, 1.
-
-    A preset's alpha was chosen on validation for its own method, so it applies only when that method is used.
-    """
-    chosen = find_preset(args.preset).merge if args.preset is not None else None
-    args.method = args.method or (chosen.method if chosen else "tsv")
-    args.space = args.space or (chosen.space if chosen else "core")
+    """--method, --space, --alpha and method parameters not given: with --preset, the preset's method and space
+    and the settings tuned for the method used (its `tuned:` block; `Preset.settings_for`); else tsv, core, 1."""
+    if args.preset is None:
+        args.method, args.space = args.method or "tsv", args.space or "core"
+        args.alpha = 1.0 if args.alpha is None else args.alpha
+        return
+    preset = find_preset(args.preset)
+    args.method = args.method or preset.merge.method
+    args.space = args.space or preset.merge.space
+    settings = preset.settings_for(args.method, args.space)
     if args.alpha is None:
-        args.alpha = chosen.alpha if chosen and chosen.method == args.method else 1.0
+        args.alpha = settings.alpha
+    for name, value in settings.params.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def options_from_args(args: argparse.Namespace, weights: Optional[list[float]]) -> MergeOptions:

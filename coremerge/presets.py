@@ -2,13 +2,17 @@
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CoreMergeError
+from .merging.methods import METHODS
+from .merging.options import SPACES
 
 # A checkout's presets/ folder; an installed package carries the same files as coremerge/presets_data.
 PRESETS_DIR = next((folder for folder in (Path(__file__).resolve().parent / "presets_data",
@@ -64,6 +68,56 @@ class MergeDefaults(_Strict):
     alpha: float = 1.0
 
 
+@dataclass(frozen=True)
+class MethodSettings:
+    """What a merge with one method uses for a preset: alpha and every parameter of the method."""
+
+    alpha: float
+    params: dict  # every parameter of the method: the tuned ones, the method's defaults for the rest
+    tuned: bool  # True: chosen on the preset's validation split (its `tuned:` block)
+
+
+def _check_values(where: str, method: str, settings: dict) -> None:
+    """Each entry a number in its range: alpha > 0, or one of the method's parameters."""
+    known = {p.name: p for p in METHODS[method].parameters}
+    for name, value in settings.items():
+        if name != "alpha" and name not in known:
+            takes = ", ".join(["alpha", *known])
+            raise ValueError(f"{where}.{name}: {method} does not take it (it takes {takes})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}.{name}: {value!r} is not a number")
+        parameter = known.get(name)
+        low, high = (0.0, math.inf) if parameter is None else (parameter.low, parameter.high)
+        low_exclusive = parameter is None or parameter.low_exclusive
+        too_low = value <= low if low_exclusive else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bracket = "(" if low_exclusive else "["
+            raise ValueError(f"{where}.{name}: {value} is out of range {bracket}{low:g}, {high:g}]")
+
+
+def check_tuned(tuned: dict, merge: MergeDefaults) -> None:
+    """Raises ValueError naming the first entry of a `tuned:` block that is not a method's alpha or parameter
+    in range (or, under a space's name, such settings for that space), or a tuned alpha of the preset's own
+    method that disagrees with `merge.alpha`."""
+    for method, settings in tuned.items():
+        if method not in METHODS:
+            raise ValueError(f"tuned.{method}: unknown method; choose among {', '.join(METHODS)}")
+        if not isinstance(settings, dict) or "alpha" not in settings:
+            raise ValueError(f"tuned.{method}: give its alpha, as {{alpha: A, ...}}")
+        by_space = {k: v for k, v in settings.items() if k in SPACES}
+        _check_values(f"tuned.{method}", method, {k: v for k, v in settings.items() if k not in SPACES})
+        for space, values in by_space.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"tuned.{method}.{space}: give the settings that differ in {space} space, "
+                                 "as {alpha: A, ...}")
+            _check_values(f"tuned.{method}.{space}", method, values)
+    own = tuned.get(merge.method)
+    chosen = None if own is None else {**own, **own.get(merge.space, {})}
+    if chosen is not None and chosen["alpha"] != merge.alpha:
+        raise ValueError(f"tuned.{merge.method}.alpha {chosen['alpha']:g} differs from merge.alpha {merge.alpha:g} "
+                         "(the preset's own choice); make them agree")
+
+
 class Preset(_Strict):
     """A preset file's content; `folder` (not in the file) is where relative paths start."""
 
@@ -75,9 +129,29 @@ class Preset(_Strict):
     adapters: list[PresetAdapter] = Field(min_length=1)
     samples: Samples = Field(default_factory=Samples)
     merge: MergeDefaults = Field(default_factory=MergeDefaults)
+    # Per method, the settings chosen on the preset's validation split: alpha and any of the method's own
+    # parameters (the rest keep the method's defaults), and under a space's name (core, full, knots) the ones
+    # that space's search chose otherwise. A method not listed merges at its defaults, alpha 1.
+    tuned: dict[str, dict] = Field(default_factory=dict)
     bundled: bool = False  # True: every file ships in the repo and works offline
     tokenizer: Optional[str] = None  # text: the adapters' tokenizer (Hub ID), if not the base model's
     folder: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _tuned_settings_are_valid(self) -> "Preset":
+        check_tuned(self.tuned, self.merge)
+        return self
+
+    def settings_for(self, method: str, space: Optional[str] = None) -> MethodSettings:
+        """Alpha and parameters to merge this preset's adapters with `method` (in `space`; default the preset's):
+        its tuned settings if the preset has them, else the preset's alpha for its own method (`merge:`), else
+        alpha 1; parameters not tuned take the method's defaults."""
+        entry = self.tuned.get(method, {})
+        tuned = {k: v for k, v in entry.items() if k not in SPACES}
+        tuned.update(entry.get(space or self.merge.space, {}))
+        alpha = tuned.pop("alpha", self.merge.alpha if method == self.merge.method else 1.0)
+        params = {**METHODS[method].defaults(), **tuned}
+        return MethodSettings(float(alpha), params, method in self.tuned)
 
     def resolve(self, source: str) -> str:
         """A local path (relative to the preset file) if it exists there, else the Hub ID as given."""
@@ -112,6 +186,8 @@ def load_preset(path: Path) -> Preset:
         return Preset(**data, folder=path.parent.resolve())
     except ValidationError as error:
         first = error.errors()[0]
+        if first["type"] == "value_error" and not first["loc"]:  # a check of the whole preset: says where itself
+            raise CoreMergeError(f"preset {path}: {first['ctx']['error']}") from error
         where = ".".join(str(p) for p in first["loc"])
         raise CoreMergeError(f"preset {path}: {where}: {first['msg']}") from error
 

@@ -141,6 +141,7 @@ def app_server():
     """The real app (app.py) served on a free local port for the session; yields its URL."""
     import importlib.util
     import socket
+    import threading
 
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("coremerge_app", root / "app.py")
@@ -152,6 +153,9 @@ def app_server():
     app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     app.demo.close()
+    for thread in threading.enumerate():  # a warm-up still loading at exit aborts the interpreter (torch threads)
+        if thread.name == "coremerge-warm-up":
+            thread.join()
 
 
 def pytest_configure(config):

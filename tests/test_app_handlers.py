@@ -52,11 +52,34 @@ def test_preset_view_lists_the_default_preset_and_reads_the_base_model_from_the_
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_controls_follow_the_registry(method):
-    info, *updates = handlers.show_method(method)
+    info, alpha, *updates = handlers.show_method(method)
     assert METHODS[method].paper_url in info and METHODS[method].display_name in info
     defaults = METHODS[method].defaults()
     shown = {p.name: u["value"] for p, u in zip(handlers.PARAMETERS, updates) if u["visible"]}
-    assert shown == defaults
+    assert shown == defaults and alpha == 1.0  # no preset: the method's defaults
+
+
+# digits.yaml's tuned block, as the file gives it (core space, chosen on the validation split)
+DIGITS_TUNED = {"ta": (0.4, {}), "ties": (1.5, {"density": 0.4}), "dare": (0.4, {"density": 0.9, "seed": 0}),
+                "dare_ties": (1.5, {"density": 0.9, "seed": 0}), "tsv": (0.7, {}), "iso_c": (1.5, {}),
+                "iso_cts": (1.5, {"common_fraction": 0.8}), "cart": (2.0, {"rank_fraction": 0.04, "cart_lambda": 0.1})}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_switching_the_method_applies_the_presets_tuned_settings(method):
+    info, alpha, *updates = handlers.show_method(method, "digits")
+    shown = {p.name: u["value"] for p, u in zip(handlers.PARAMETERS, updates) if u["visible"]}
+    assert (alpha, shown) == DIGITS_TUNED[method]
+    assert "tuned on this preset's validation split" in info
+
+
+def test_switching_the_method_on_a_preset_without_tuned_settings_gives_the_defaults():
+    info, alpha, *updates = handlers.show_method("ties", "strings")
+    assert alpha == 1.0 and "strings has no tuned settings for it" in info
+    assert {p.name: u["value"] for p, u in zip(handlers.PARAMETERS, updates) if u["visible"]} == {"density": 0.2}
+    assert handlers.show_method("ties", "digits", "full")[1] == 1.0  # full space's search chose another alpha
+    assert handlers.show_method("ta", "questions")[1] == 0.8  # questions' own choice
+    assert handlers.show_method("tsv", "questions")[1] == 0.9
 
 
 def test_adapter_rows_skip_blank_rows_and_name_bad_cells():

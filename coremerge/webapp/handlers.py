@@ -130,13 +130,28 @@ def method_info(method: str) -> str:
     return f"**{chosen.display_name}**: {chosen.summary} [Paper]({chosen.paper_url})"
 
 
+def method_settings(method: str, preset_name: Optional[str], space: Optional[str] = None) -> tuple[float, dict, str]:
+    """Alpha, parameters and a line saying where they come from, for `method` on the preset in `space` (its tuned
+    settings; without a preset or tuned settings, the method's defaults at alpha 1, or the preset's own alpha)."""
+    if not preset_name:
+        return 1.0, get_method(method).defaults(), "Settings: the method's defaults, alpha 1."
+    preset = find_preset(validation.preset_name(preset_name))
+    settings = preset.settings_for(method, validation.space_name(space) if space else None)
+    values = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in
+                       {"alpha": settings.alpha, **settings.params}.items() if name != "seed")
+    where = ("tuned on this preset's validation split" if settings.tuned
+             else f"the method's defaults; {preset.name} has no tuned settings for it")
+    return settings.alpha, settings.params, f"Settings: {values} ({where})."
+
+
 @user_errors
-def show_method(method: str):
-    """Method picked: its explanation, and only its parameters, set to its defaults."""
-    chosen = get_method(validation.method_name(method))
-    defaults = chosen.defaults()
-    updates = [gr.update(visible=p.name in defaults, value=defaults.get(p.name, p.default)) for p in PARAMETERS]
-    return (method_info(method), *updates)
+def show_method(method: str, preset_name: Optional[str] = None, space: Optional[str] = None):
+    """Method picked: its explanation, and the preset's tuned alpha and parameters for it in the page's space (only
+    its parameters shown); the method's defaults where the preset has none."""
+    method = validation.method_name(method)
+    alpha, params, where = method_settings(method, preset_name, space)
+    updates = [gr.update(visible=p.name in params, value=params.get(p.name, p.default)) for p in PARAMETERS]
+    return (f"{method_info(method)}\n\n{where}", alpha, *updates)
 
 
 # Merge and compare
