@@ -85,7 +85,7 @@ def build_app() -> gr.Blocks:
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
-            concurrency_limit=1, concurrency_id="merge",
+            concurrency_limit=4, concurrency_id="merge",  # checks run at once; merges take budget.MERGE_SLOT
         )
         push.click(handlers.push_to_hub, [last_merge, repo, token, private], pushed, concurrency_limit=2)
     demo.queue(max_size=32)

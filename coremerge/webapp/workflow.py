@@ -18,12 +18,14 @@ from ..comparison.runners import RUNNER_LOCK, parameter_count, runner_for
 from ..comparison.side_by_side import (ClassificationComparison, TextComparison, Variant, compare_classification,
                                        compare_text, sample_images, variants_of, warm_up_classification)
 from ..errors import CoreMergeError
+from ..formats.checks import check_module_shapes, check_same_base_model, check_same_family
 from ..formats.loading import load_adapter, load_adapters
 from ..merging.options import MergeOptions
 from ..merging.to_folder import merge_to_folder
 from ..presets import Preset
 from .package import code_snippet, model_card, write_model_card, zip_folder
 from .portable import portable_report
+from .validation import fit_to_preset
 
 
 class Progress(Protocol):
@@ -98,6 +100,25 @@ def check_request(request: MergeRequest, limits: Limits = LIMITS) -> None:
             if len(prompt) > limits.prompt_chars:
                 raise CoreMergeError(f"prompt {prompt[:30]!r}...: {len(prompt)} characters; at most "
                                      f"{limits.prompt_chars}")
+
+
+def check_rows(request: MergeRequest) -> str:
+    """Every row read (it exists, is readable, is a LoRA format coremerge loads) and checked against the preset's
+    model and the other rows, before the merge takes the merge slot; the rows' sources are where the app put
+    them. Returns "" if the side by side can run on the preset's model, else why not.
+
+    Raises:
+        CoreMergeError: the first row that cannot be read, or does not fit the preset's model or the other rows.
+    """
+    adapters = [load_adapter(row.source) for row in request.adapters]
+    preset, why_not = request.preset, ""
+    if has_comparison(preset) and not uses_preset_adapters(request):
+        reference = load_adapter(preset.adapter_sources[0]) if preset.bundled else None
+        why_not = fit_to_preset(preset, adapters, reference, [row.shown or row.source for row in request.adapters])
+    check_same_base_model(adapters)
+    check_same_family(adapters)
+    check_module_shapes(adapters)
+    return why_not or ""
 
 
 def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_progress,
