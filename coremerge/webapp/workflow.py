@@ -110,6 +110,7 @@ def check_rows(request: MergeRequest) -> str:
     Raises:
         CoreMergeError: the first row that cannot be read, or does not fit the preset's model or the other rows.
     """
+    check_request(request)
     adapters = [load_adapter(row.source) for row in request.adapters]
     preset, why_not = request.preset, ""
     if has_comparison(preset) and not uses_preset_adapters(request):
