@@ -23,7 +23,7 @@ from ..formats.loading import load_adapter, load_adapters
 from ..merging.options import MergeOptions
 from ..merging.to_folder import merge_to_folder
 from ..presets import Preset
-from .package import code_snippet, model_card, write_model_card, zip_folder
+from .package import base_model_of, code_snippet, model_card, write_model_card, zip_folder
 from .portable import portable_report
 from .validation import fit_to_preset
 
@@ -168,10 +168,14 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
 
     progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
-    base_path = f"presets/{preset.base_model}" if preset.bundled else None  # in coremerge's repository
-    snippet = code_snippet(report, "merged-adapter", preset.kind, base_path or preset.base_model)
+    on_preset_model = not request.no_comparison
+    base = base_model_of(preset, report, on_preset_model)
+    task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type") \
+        if (folder / "adapter_config.json").exists() else None
+    snippet = code_snippet(report, "merged-adapter", preset.kind if on_preset_model else None, base.load_from,
+                           task_type)
     write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if uses_preset_adapters(request)
-                                        else "Merged LoRA adapter", snippet))
+                                        else "Merged LoRA adapter", snippet, base))
     zip_path = zip_folder(folder, Path(workdir) / f"coremerge-{report['method']}-{report['space']}")
     seconds["package"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
