@@ -18,15 +18,15 @@ from .insights import MergeInsights  # noqa: E402
 from .side_by_side import TaskAccuracy  # noqa: E402
 
 CAPTIONS = {
-    "accuracy": ("Per task, test accuracy of the base model (grey), the task's own adapter (blue) and the merge "
-                 "(green); the percentage over each green bar is the merge's accuracy as a share of the own "
-                 "adapter's (normalized accuracy)."),
-    "spectra": ("Singular values, largest first on a log scale, of the merged update (black) and of each weighted "
-                "input adapter, in the module with the largest merged update: each input's curve ends at its rank; "
-                "the merge spreads the inputs over more directions."),
-    "overlap": ("How much two adapters' updates share directions (squared cosines of their principal angles, mean "
-                "over the modules both adapt): 1 = the same directions, 0 = orthogonal; high values off the "
-                "diagonal mean the two tasks compete for the same directions."),
+    "accuracy": ("Test accuracy per task of the base model (grey), the task's own adapter (blue) and the merge "
+                 "(green); the percentage over each green bar is the merge's accuracy relative to the own adapter's "
+                 "(normalized accuracy)."),
+    "spectra": ("Singular values, largest first (log scale), of the merged update (black) and each weighted input "
+                "adapter, in the module with the largest merged update: a curve that falls fast means a few "
+                "directions carry that update."),
+    "overlap": ("How much two adapters' updates share directions, mean over the modules both adapt: 1 = the same "
+                "directions, 0 = orthogonal; high values off the diagonal mean two tasks compete for the same "
+                "directions."),
 }
 
 

@@ -18,6 +18,7 @@ STYLE = """<style>
 .cm-table {border-collapse: collapse; font-size: 0.85em; width: 100%;}
 .cm-table tr > :first-child {position: sticky; left: 0; z-index: 1; background: var(--background-fill-primary, #fff);}
 .cm-table tr > th:first-child {background: var(--background-fill-secondary, #f5f5f5);}
+.cm-table tr > th[colspan]:first-child {position: static;}
 .cm-table th, .cm-table td {border: 1px solid var(--border-color-primary, #ddd); padding: 3px 6px; text-align: center;
   vertical-align: middle;}
 .cm-table th {background: var(--background-fill-secondary, #f5f5f5); font-weight: 600;}
