@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 from ..errors import CoreMergeError
 
-REQUEST_SECONDS = 300.0  # per merge request, from the click's start to the zip (the page states it)
+REQUEST_SECONDS = 600.0  # per merge request, from its start to the zip: a first comparison may load a model and use
+# ZeroGPU for its 300 s at most (workflow.GPU_SECONDS)
 MERGE_SLOT = threading.BoundedSemaphore(1)  # merges (merge, explain, compare, package) run one at a time
 
 

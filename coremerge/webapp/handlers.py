@@ -279,4 +279,4 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
                f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens, generated images "
                f"of up to {LIMITS.image_side} px and {LIMITS.steps} steps; sample images for classification come from "
-               "the preset. " + UPLOAD_LIMITS)
+               f"the preset; each merge at most {budgets.REQUEST_SECONDS:g} s, waiting included. " + UPLOAD_LIMITS)
