@@ -42,12 +42,11 @@ def build_app() -> gr.Blocks:
                 prompts = gr.Textbox(start_prompts, visible=uses_prompts, lines=4, label="Prompts (one per line; \\n = newline)")
             with gr.Column(scale=2):
                 method = gr.Dropdown([(m.display_name, m.name) for m in METHODS.values()], value=start.method,
-                                     label="Method", elem_id="method")
+                                     label="Method")
                 method_text = gr.Markdown(handlers.method_info(start.method))
                 space = gr.Radio(list(SPACES), value=start.space, label="Space",
                                  info="core: exact for TA / TSV / Iso-C and far faster; full and knots are baselines")
-                alpha = gr.Slider(0.05, 3.0, value=start.alpha, step=0.05, label="alpha (global scale of the merged update)",
-                                  elem_id="alpha")
+                alpha = gr.Slider(0.05, 3.0, value=start.alpha, step=0.05, label="alpha (global scale of the merged update)")
                 with gr.Accordion("Advanced", open=False):
                     isotropize = gr.Checkbox(False, label="Isotropize (flatten the merged spectrum)")
                     rank = gr.Number(None, precision=0, minimum=0, label="Rank of the written adapter (empty = exact)")
