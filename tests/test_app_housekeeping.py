@@ -139,3 +139,28 @@ def test_figures_do_not_pile_up_over_merges(tmp_path, monkeypatch):
         del outputs
     assert len(plt.get_fignums()) == open_before
     assert live_figures() <= live_before
+
+
+def test_a_forked_worker_leaves_the_apps_root_alone(tmp_path):
+    """ZeroGPU forks workers from the app: their exit (or a signal to them) must not remove the app's root."""
+    script = (
+        "import os, signal, sys\n"
+        "from coremerge.webapp.cache import ResultCache\n"
+        "from coremerge.webapp.housekeeping import remove_on_signals\n"
+        "root = ResultCache().root\n"
+        "remove_on_signals(root)\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "_, status = os.waitpid(child, 0)\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(child, 0)\n"
+        "print(root, root.is_dir(), os.WIFSIGNALED(status))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    root, alive, signalled = done.stdout.split()
+    assert done.returncode == 0 and alive == "True" and signalled == "True"  # the child died of SIGTERM, root kept
+    assert not Path(root).exists()  # and the app's own exit removed it

@@ -74,9 +74,16 @@ def remove_stale_roots(parent: Optional[Path] = None) -> list[Path]:
     return removed
 
 
+def _remove_if_mine(root: Path, owner: int) -> None:
+    """Remove `root` in the process that made it only: a forked worker (ZeroGPU's) inherits the exit and signal
+    handlers, and must not remove the root of the app that still runs."""
+    if os.getpid() == owner:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def remove_at_exit(root: Path) -> None:
     """Remove `root` when the interpreter exits normally."""
-    atexit.register(shutil.rmtree, root, True)
+    atexit.register(_remove_if_mine, root, os.getpid())
 
 
 def remove_on_signals(root: Path, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
@@ -84,11 +91,12 @@ def remove_on_signals(root: Path, signals=(signal.SIGTERM, signal.SIGINT)) -> No
     stops Gradio's server; SIGTERM: end the process). Only from the main thread, where Python takes signals."""
     if threading.current_thread() is not threading.main_thread():
         return
+    owner = os.getpid()
     for number in signals:
         previous = signal.getsignal(number)
 
         def handler(signum, frame, previous=previous):
-            shutil.rmtree(root, ignore_errors=True)
+            _remove_if_mine(root, owner)
             if callable(previous):
                 previous(signum, frame)
             elif previous != signal.SIG_IGN:
