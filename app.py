@@ -4,10 +4,12 @@ import spaces  # noqa: F401  - must come before torch on ZeroGPU
 
 import gradio as gr  # noqa: E402
 
+from coremerge.comparison.plots import CAPTIONS  # noqa: E402
 from coremerge.merging.methods import METHODS  # noqa: E402
 from coremerge.merging.options import SPACES  # noqa: E402
 from coremerge.presets import find_preset  # noqa: E402
 from coremerge.webapp import handlers, method_comparison  # noqa: E402
+from coremerge.webapp.housekeeping import remove_on_signals  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
 
 TITLE = "coremerge: merge LoRA adapters in Core Space"
@@ -65,7 +67,8 @@ def build_app() -> gr.Blocks:
         summary = gr.Markdown(elem_id="summary")
         with gr.Tab("Side by side"):
             comparison = gr.HTML(elem_id="comparison")
-            accuracy = gr.Plot(label="Per-task accuracy", visible=False)
+            accuracy = gr.Plot(label="Per-task accuracy", show_label=False, visible=False)
+            accuracy_caption = gr.Markdown(f"*{CAPTIONS['accuracy']}*", visible=False, elem_classes="cm-caption")
         with gr.Tab("Compare methods"):
             methods_summary = gr.Markdown(elem_id="methods-summary")
             methods_table = gr.Dataframe(headers=method_comparison.COLUMNS, label="Every method at its tuned settings",
@@ -75,9 +78,14 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Merge report"):
             report = gr.Markdown(elem_id="report")
             with gr.Row():
-                spectra = gr.Plot(label="Singular value spectra")
-                overlap = gr.Plot(label="Subspace overlap")
-            ranks = gr.Dataframe(headers=RANK_COLUMNS, label="Ranks per module", interactive=False)
+                with gr.Column(min_width=320):
+                    spectra = gr.Plot(label="Singular value spectra", show_label=False)
+                    gr.Markdown(f"*{CAPTIONS['spectra']}*", elem_classes="cm-caption")
+                with gr.Column(min_width=320):
+                    overlap = gr.Plot(label="Subspace overlap", show_label=False)
+                    gr.Markdown(f"*{CAPTIONS['overlap']}*", elem_classes="cm-caption")
+            ranks = gr.Dataframe(headers=RANK_COLUMNS, label="Ranks per module", interactive=False, wrap=True,
+                                 column_widths=["30%", "12%", "46%", "12%"], elem_id="ranks")
         with gr.Tab("Download & share"):
             download = gr.File(label="Merged adapter (peft folder, merge_report.json, model card)")
             snippet = gr.Code(language="python", label="Use it in code")
@@ -99,12 +107,14 @@ def build_app() -> gr.Blocks:
             handlers.merge_and_compare,
             [preset, adapters, method, space, alpha, isotropize, rank, prompts, hub_token, uploaded, *parameters],
             [summary, comparison, accuracy, report, ranks, spectra, overlap, download, snippet, last_merge],
-            concurrency_limit=1, concurrency_id="merge",
+            concurrency_limit=4, concurrency_id="merge",  # checks run at once; merges take budget.MERGE_SLOT
         )
         compare_all.click(
             method_comparison.compare_methods_button, [preset, adapters, prompts, hub_token, uploaded],
-            [methods_summary, methods_table, methods_chart], concurrency_limit=1, concurrency_id="merge",
+            [methods_summary, methods_table, methods_chart], concurrency_limit=1, concurrency_id="compare-methods",
         )
+        accuracy.change(lambda plot: gr.update(visible=plot is not None), accuracy, accuracy_caption,
+                        api_visibility="private")  # the caption goes with its chart
         push.click(handlers.push_to_hub, [last_merge, repo, token, private], pushed, concurrency_limit=2)
     demo.queue(max_size=32)
     return demo
@@ -114,4 +124,5 @@ demo = build_app()
 handlers.warm_up_in_background(handlers.default_preset())
 
 if __name__ == "__main__":
+    remove_on_signals(handlers.CACHE.root)  # and at normal exit (housekeeping.remove_at_exit)
     demo.launch(theme=gr.themes.Soft())

@@ -107,7 +107,8 @@ def test_merge_and_compare_shows_every_variant_and_a_zip_that_peft_loads_with_th
                                                   "merge_report.json", "README.md"}
     assert json.loads((folder / "merge_report.json").read_text())["method"] == "ta"
     card = (folder / "README.md").read_text()
-    assert "base_model: coremerge/digits-vit" in card and "Task Arithmetic" in card and "Rotated 90°" in card
+    assert "ships with coremerge, in the folder `presets/digits/base`" in card and "Task Arithmetic" in card
+    assert "Rotated 90°" in card and "base_model:" not in card  # not a Hub ID
     # TA in core space is exact: the merged delta is alpha * the sum of the inputs' deltas, as peft computes them
     base = load_backbone(DIGITS.folder / "digits" / "base")
     inputs = [peft_deltas(base, DIGITS.resolve(row[0])) for row in THREE_ROWS]

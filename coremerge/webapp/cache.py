@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .housekeeping import make_root, remove_at_exit
 from .workflow import MergeOutcome
 
 
@@ -20,7 +21,9 @@ class ResultCache:
 
     def __init__(self, capacity: int = 16, root: Optional[Path] = None):
         self.capacity = capacity
-        self.root = Path(root or tempfile.mkdtemp(prefix="coremerge-app-"))
+        self.root = Path(root) if root else make_root()  # the app's own: removed at exit (housekeeping)
+        if not root:
+            remove_at_exit(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._entries: OrderedDict[str, tuple[MergeOutcome, Path]] = OrderedDict()
         self._lock = threading.Lock()

@@ -16,11 +16,13 @@ import spaces
 
 from ..comparison.plots import accuracy_chart, overlap_chart, spectra_chart
 from ..errors import CoreMergeError, HubError
-from ..formats.loading import load_adapter, load_adapters
+from ..formats.loading import load_adapters
 from ..merging.methods import METHODS, Parameter, get_method
 from ..merging.options import MergeOptions
 from ..presets import Preset, find_preset, list_presets
+from . import budget as budgets
 from .availability import require_available
+from .budget import Budget, merge_slot
 from .cache import ResultCache
 from .hub_push import push_folder
 from .render import comparison_html, rank_rows, report_markdown, summary_markdown
@@ -28,8 +30,8 @@ from . import validation
 from .sources import scrub, trusted_sources
 from .uploads import LIMITS_TEXT as UPLOAD_LIMITS
 from .uploads import unpack_uploads, uploaded_paths
-from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, comparison_seconds, default_prompts_text,
-                       has_comparison, prompts_from_text, run_comparison, run_merge, uses_preset_adapters, warm_up)
+from .workflow import (LIMITS, AdapterRow, MergeOutcome, MergeRequest, check_rows, comparison_seconds,
+                       default_prompts_text, has_comparison, prompts_from_text, run_comparison, run_merge, uses_preset_adapters, warm_up)
 
 log = logging.getLogger("coremerge.app")
 DEFAULT_PRESET = "digits"
@@ -224,6 +226,7 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
     `uploaded` the files of the upload control; `parameter_values` the method parameter controls' values, in the
     order of PARAMETERS.
     """
+    budget = Budget(budgets.REQUEST_SECONDS, progress)
     request = build_request(preset_name, table, method, space, alpha, isotropize, rank, prompts_text,
                             parameter_values)
     notes = validation.adapter_rows(table)[1]
@@ -240,10 +243,11 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
         if uses_preset_adapters(request):
             # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
             require_available(request.preset, base_model=has_comparison(request.preset))
-        try:
-            request = replace(request, no_comparison=_why_no_comparison(request, trusted))
+        try:  # every row read and checked before the merge slot is taken
+            request = replace(request, no_comparison=check_rows(request))
         except CoreMergeError as error:
             raise CoreMergeError(scrub(str(error), trusted)) from None
+        budget.check("checking the adapters")
         key = request.key()
         outcome = CACHE.get(key)
         cached = outcome is not None
@@ -251,7 +255,8 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
             shutil.rmtree(folder, ignore_errors=True)
         else:
             try:
-                outcome = run_merge(request, folder, progress, compare=compare_on_gpu)
+                with merge_slot(budget):
+                    outcome = run_merge(request, folder, budget, compare=compare_on_gpu)
             except HubError as error:
                 if request.preset.bundled:
                     raise HubError(scrub(str(error), trusted)) from None
@@ -261,18 +266,6 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
                 raise CoreMergeError(scrub(str(error), trusted)) from None
             outcome = CACHE.put(key, outcome, folder)
     return (*merge_outputs(outcome, cached, notes, request.no_comparison), key)
-
-
-def _why_no_comparison(request: MergeRequest, trusted) -> str:
-    """Load every row (exists, readable, one base model) before the merge; "" if the side by side can run on the
-    preset's model, else why not. Raises CoreMergeError naming a row that does not fit (the merge itself checks
-    that the rows fit each other)."""
-    adapters = [load_adapter(row.source) for row in request.adapters]
-    if not has_comparison(request.preset) or uses_preset_adapters(request):
-        return ""
-    preset = request.preset
-    reference = load_adapter(preset.adapter_sources[0]) if preset.bundled else None
-    return validation.fit_to_preset(preset, adapters, reference, [t.shown for t in trusted]) or ""
 
 
 @user_errors
@@ -301,4 +294,4 @@ def push_to_hub(key: Optional[str], repo_id: str, token: str, private: bool) -> 
 LIMITS_TEXT = (f"Limits per merge: at most {LIMITS.adapters} adapters, {LIMITS.prompts} prompts of up to "
                f"{LIMITS.prompt_chars} characters, answers of up to {LIMITS.new_tokens} new tokens, generated images "
                f"of up to {LIMITS.image_side} px and {LIMITS.steps} steps; sample images for classification come from "
-               "the preset. " + UPLOAD_LIMITS)
+               f"the preset; each merge at most {budgets.REQUEST_SECONDS:g} s, waiting included. " + UPLOAD_LIMITS)

@@ -28,13 +28,14 @@ from ..merging.options import MergeOptions
 from ..merging.to_folder import merge_to_folder
 from ..presets import Preset, find_preset
 from . import validation
+from .budget import REQUEST_SECONDS, Budget, merge_slot
 from .availability import require_available
 from .handlers import CACHE, build_request, user_errors
-from .handlers import _why_no_comparison as why_no_comparison
 from .sources import scrub, trusted_sources
 from .uploads import unpack_uploads
 from .workflow import (GPU_SECONDS, LIMITS, SECONDS_PER_ADAPTER, SECONDS_PER_IMAGE, SECONDS_PER_TOKEN, MergeRequest,
-                       Progress, _tasks_of, check_request, has_comparison, no_progress, uses_preset_adapters)
+                       Progress, _tasks_of, check_request, check_rows, has_comparison, no_progress,
+                       uses_preset_adapters)
 
 SPACES_COMPARED = ("core", "full")
 MERGE_BUDGET = 90.0  # seconds of merging per comparison; later merges are skipped
@@ -274,8 +275,9 @@ def compare_methods_button(preset_name: str, table, prompts_text: str, hub_token
             if uses_preset_adapters(request):
                 require_available(request.preset, base_model=has_comparison(request.preset))
             try:
-                request = replace(request, no_comparison=why_no_comparison(request, trusted))
-                comparison = compare_methods(request, folder / "methods", progress, score=score_on_gpu)
+                request = replace(request, no_comparison=check_rows(request))  # before the merge slot
+                with merge_slot(Budget(REQUEST_SECONDS, progress)):  # one merge (or comparison of methods) at a time
+                    comparison = compare_methods(request, folder / "methods", progress, score=score_on_gpu)
             except CoreMergeError as error:
                 raise type(error)(scrub(str(error), trusted)) from None
         finally:

@@ -12,8 +12,13 @@ from ..comparison.images import ImageGrid
 from ..comparison.side_by_side import ClassificationComparison, TextComparison
 from ..merging.methods import METHODS
 
+# The table scrolls sideways inside its box on narrow screens (a phone's 430 px), its first column pinned.
 STYLE = """<style>
+.cm-scroll {overflow-x: auto; max-width: 100%;}
 .cm-table {border-collapse: collapse; font-size: 0.85em; width: 100%;}
+.cm-table tr > :first-child {position: sticky; left: 0; z-index: 1; background: var(--background-fill-primary, #fff);}
+.cm-table tr > th:first-child {background: var(--background-fill-secondary, #f5f5f5);}
+.cm-table tr > th[colspan]:first-child {position: static;}
 .cm-table th, .cm-table td {border: 1px solid var(--border-color-primary, #ddd); padding: 3px 6px; text-align: center;
   vertical-align: middle;}
 .cm-table th {background: var(--background-fill-secondary, #f5f5f5); font-weight: 600;}
@@ -37,6 +42,11 @@ def _header(variants: list[str], first: list[str]) -> str:
     return "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>"
 
 
+def _scrolling(rows: str) -> str:
+    """The comparison table in its sideways-scrolling box."""
+    return f'{STYLE}<div class="cm-scroll" id="cm-scroll"><table class="cm-table" id="cm-comparison">{rows}</table></div>'
+
+
 def classification_html(comparison: ClassificationComparison) -> str:
     """One row per sample image, one column per variant; right labels green, wrong ones red."""
     rows = []
@@ -52,9 +62,8 @@ def classification_html(comparison: ClassificationComparison) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     total = max(1, len(comparison.images))
     score = "".join(f"<th>{n}/{total}</th>" for n in right)
-    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
-            f"{_header(comparison.variants, ['image', 'task', 'label'])}{''.join(rows)}"
-            f'<tr><th colspan="3">right on these samples</th>{score}</tr></table>')
+    return _scrolling(f"{_header(comparison.variants, ['image', 'task', 'label'])}{''.join(rows)}"
+                      f'<tr><th colspan="3">right on these samples</th>{score}</tr>')
 
 
 def text_html(comparison: TextComparison) -> str:
@@ -77,8 +86,8 @@ def text_html(comparison: TextComparison) -> str:
     if scores is not None:
         footer = ('<tr><th colspan="2">exact match on these prompts</th>'
                   + "".join(f"<th>{score:.0%}</th>" for score in scores) + "</tr>")
-    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
-            f"{_header(comparison.variants, first)}{''.join(rows)}{footer}</table>{cross_task_html(comparison)}")
+    return (_scrolling(f"{_header(comparison.variants, first)}{''.join(rows)}{footer}")
+            + cross_task_html(comparison))
 
 
 CROSS_TASK_NOTE = ("Each column alone on every task's prompts (own task outlined). Why `questions` merges and "
@@ -126,8 +135,7 @@ def image_grid_html(grid: ImageGrid) -> str:
         cells = [f'<td class="cm-text">{html.escape(prompt)}</td>']
         cells += [f"<td>{_png_tag(image, text)}</td>" for image, text in zip(grid.images[p], used)]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'{STYLE}<table class="cm-table" id="cm-comparison">'
-            f"{_header(list(grid.variants), ['prompt'])}{''.join(rows)}</table>")
+    return _scrolling(f"{_header(list(grid.variants), ['prompt'])}{''.join(rows)}")
 
 
 def comparison_html(comparison, why_not: str = "") -> str:

@@ -19,12 +19,14 @@ from ..comparison.runners import RUNNER_LOCK, parameter_count, runner_for
 from ..comparison.side_by_side import (ClassificationComparison, TextComparison, Variant, compare_classification,
                                        compare_text, sample_images, variants_of, warm_up_classification)
 from ..errors import CoreMergeError
+from ..formats.checks import check_module_shapes, check_same_base_model, check_same_family
 from ..formats.loading import load_adapter, load_adapters
 from ..merging.options import MergeOptions
 from ..merging.to_folder import merge_to_folder
 from ..presets import Preset
-from .package import code_snippet, model_card, write_model_card, zip_folder
+from .package import base_model_of, code_snippet, model_card, write_model_card, zip_folder
 from .portable import portable_report
+from .validation import fit_to_preset
 
 
 class Progress(Protocol):
@@ -101,6 +103,26 @@ def check_request(request: MergeRequest, limits: Limits = LIMITS) -> None:
                                      f"{limits.prompt_chars}")
 
 
+def check_rows(request: MergeRequest) -> str:
+    """Every row read (it exists, is readable, is a LoRA format coremerge loads) and checked against the preset's
+    model and the other rows, before the merge takes the merge slot; the rows' sources are where the app put
+    them. Returns "" if the side by side can run on the preset's model, else why not.
+
+    Raises:
+        CoreMergeError: the first row that cannot be read, or does not fit the preset's model or the other rows.
+    """
+    check_request(request)
+    adapters = [load_adapter(row.source) for row in request.adapters]
+    preset, why_not = request.preset, ""
+    if has_comparison(preset) and not uses_preset_adapters(request):
+        reference = load_adapter(preset.adapter_sources[0]) if preset.bundled else None
+        why_not = fit_to_preset(preset, adapters, reference, [row.shown or row.source for row in request.adapters])
+    check_same_base_model(adapters)
+    check_same_family(adapters)
+    check_module_shapes(adapters)
+    return why_not or ""
+
+
 def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_progress,
               compare: Optional[Callable[["ComparisonJob", Progress], object]] = None) -> MergeOutcome:
     """Merge the request's adapters into `workdir`, explain and compare the merge, and package it.
@@ -147,10 +169,14 @@ def run_merge(request: MergeRequest, workdir: Path, progress: Progress = no_prog
 
     progress(0.95, desc="writing the model card and the zip")
     clock = time.perf_counter()
-    base_path = f"presets/{preset.base_model}" if preset.bundled else None  # in coremerge's repository
-    snippet = code_snippet(report, "merged-adapter", preset.kind, base_path or preset.base_model)
+    on_preset_model = not request.no_comparison
+    base = base_model_of(preset, report, on_preset_model)
+    task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type") \
+        if (folder / "adapter_config.json").exists() else None
+    snippet = code_snippet(report, "merged-adapter", preset.kind if on_preset_model else None, base.load_from,
+                           task_type)
     write_model_card(folder, model_card(report, names, f"Merge of {preset.title}" if uses_preset_adapters(request)
-                                        else "Merged LoRA adapter", snippet))
+                                        else "Merged LoRA adapter", snippet, base))
     zip_path = zip_folder(folder, Path(workdir) / f"coremerge-{report['method']}-{report['space']}")
     seconds["package"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
