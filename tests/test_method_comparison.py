@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from gradio_client import Client
-from gradio_client.exceptions import AppError
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import ViTModel
@@ -197,29 +196,20 @@ def zerogpu(monkeypatch, tmp_path):
     """method_comparison re-imported under test_zerogpu's stand-in for spaces.GPU (a forked worker per call);
     model loads and the scoring's use of the model logged with their process."""
     import importlib
-    import os
 
     import spaces
 
     from coremerge.comparison import runners
     from coremerge.webapp.cache import ResultCache
-    from test_zerogpu import fork_per_call
+    from test_zerogpu import fork_per_call, logged
 
     durations, log = [], tmp_path / "processes.log"
-
-    def logged(what, function):
-        def run(*args, **kwargs):
-            with open(log, "a") as out:
-                out.write(f"{what} {os.getpid()}\n")
-            return function(*args, **kwargs)
-        return run
-
     monkeypatch.setattr(spaces, "GPU", fork_per_call(durations))
-    monkeypatch.setattr(runners, "build_runner", logged("load", runners.build_runner))
+    monkeypatch.setattr(runners, "build_runner", logged(log, "load", runners.build_runner))
     runners.runner_for.cache_clear()
     importlib.reload(method_comparison)
     monkeypatch.setattr(method_comparison, "CACHE", ResultCache(root=tmp_path / "cache"))
-    monkeypatch.setattr(method_comparison, "runner_for", logged("use", method_comparison.runner_for))
+    monkeypatch.setattr(method_comparison, "runner_for", logged(log, "use", method_comparison.runner_for))
     yield durations, log
     monkeypatch.undo()
     importlib.reload(method_comparison)

@@ -79,22 +79,23 @@ def fork_per_call(durations: list):
     return decorator
 
 
+def logged(log, what, function):
+    """`function`, writing "`what` <pid>" to `log` on each call (to see which process ran it)."""
+    def run(*args, **kwargs):
+        with open(log, "a") as out:
+            out.write(f"{what} {os.getpid()}\n")
+        return function(*args, **kwargs)
+    return run
+
+
 @pytest.fixture
 def zerogpu(monkeypatch, tmp_path):
     """handlers re-imported under the stand-in; every model load, merge and comparison logged with its process."""
     durations, log = [], tmp_path / "processes.log"
-
-    def logged(what, function):
-        def run(*args, **kwargs):
-            with open(log, "a") as out:
-                out.write(f"{what} {os.getpid()}\n")
-            return function(*args, **kwargs)
-        return run
-
     monkeypatch.setattr(spaces, "GPU", fork_per_call(durations))
-    monkeypatch.setattr(runners, "build_runner", logged("load", runners.build_runner))
-    monkeypatch.setattr(workflow, "merge_to_folder", logged("merge", workflow.merge_to_folder))
-    monkeypatch.setattr(workflow, "compare_classification", logged("compare", workflow.compare_classification))
+    monkeypatch.setattr(runners, "build_runner", logged(log, "load", runners.build_runner))
+    monkeypatch.setattr(workflow, "merge_to_folder", logged(log, "merge", workflow.merge_to_folder))
+    monkeypatch.setattr(workflow, "compare_classification", logged(log, "compare", workflow.compare_classification))
     runners.runner_for.cache_clear()  # as in a freshly started app
     importlib.reload(handlers)
     monkeypatch.setattr(handlers, "CACHE", ResultCache(capacity=8, root=tmp_path / "cache"))

@@ -9,6 +9,7 @@ import shutil
 import threading
 import traceback
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Sequence
 
 import gradio as gr
@@ -234,19 +235,7 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
         gr.Warning(note)
     token = (hub_token or "").strip() or None
     with CACHE.workdir() as folder:
-        uploads = unpack_uploads(uploaded, folder / "uploads")
-        trusted = trusted_sources([row.source for row in request.adapters], request.preset, uploads, token,
-                                  folder / "inputs")
-        request = replace(request, adapters=tuple(
-            replace(row, source=t.location, shown=t.shown, revision=t.revision)
-            for row, t in zip(request.adapters, trusted)))
-        if uses_preset_adapters(request):
-            # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
-            require_available(request.preset, base_model=has_comparison(request.preset))
-        try:  # every row read and checked before the merge slot is taken
-            request = replace(request, no_comparison=check_rows(request))
-        except CoreMergeError as error:
-            raise CoreMergeError(scrub(str(error), trusted)) from None
+        request, trusted = checked_request(request, uploaded, token, folder)
         budget.check("checking the adapters")
         key = request.key()
         outcome = CACHE.get(key)
@@ -266,6 +255,26 @@ def merge_and_compare(preset_name: str, table, method: str, space: str, alpha: f
                 raise CoreMergeError(scrub(str(error), trusted)) from None
             outcome = CACHE.put(key, outcome, folder)
     return (*merge_outputs(outcome, cached, notes, request.no_comparison), key)
+
+
+def checked_request(request: MergeRequest, uploaded, token: Optional[str], folder: Path):
+    """The trust boundary and the row checks, before the merge slot: uploads unpacked into `folder`, every row a
+    Hub ID fetched with the visitor's token (or none), an upload of this request or a preset path, then every row
+    read and checked. Returns the request with the rows' locations, and the trusted sources (to scrub messages).
+    """
+    uploads = unpack_uploads(uploaded, folder / "uploads")
+    trusted = trusted_sources([row.source for row in request.adapters], request.preset, uploads, token,
+                              folder / "inputs")
+    request = replace(request, adapters=tuple(
+        replace(row, source=t.location, shown=t.shown, revision=t.revision)
+        for row, t in zip(request.adapters, trusted)))
+    if uses_preset_adapters(request):
+        # the preset's own adapters: say at once if it needs the Hub (the base model only to compare on it)
+        require_available(request.preset, base_model=has_comparison(request.preset))
+    try:
+        return replace(request, no_comparison=check_rows(request)), trusted
+    except CoreMergeError as error:
+        raise CoreMergeError(scrub(str(error), trusted)) from None
 
 
 @user_errors

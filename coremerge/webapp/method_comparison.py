@@ -29,13 +29,10 @@ from ..merging.to_folder import merge_to_folder
 from ..presets import Preset, find_preset
 from . import validation
 from .budget import REQUEST_SECONDS, Budget, merge_slot
-from .availability import require_available
-from .handlers import CACHE, build_request, user_errors
-from .sources import scrub, trusted_sources
-from .uploads import unpack_uploads
+from .handlers import CACHE, build_request, checked_request, user_errors
+from .sources import scrub
 from .workflow import (GPU_SECONDS, LIMITS, SECONDS_PER_ADAPTER, SECONDS_PER_IMAGE, SECONDS_PER_TOKEN, MergeRequest,
-                       Progress, _tasks_of, check_request, check_rows, has_comparison, no_progress,
-                       uses_preset_adapters)
+                       Progress, _tasks_of, check_request, has_comparison, no_progress)
 
 SPACES_COMPARED = ("core", "full")
 MERGE_BUDGET = 90.0  # seconds of merging per comparison; later merges are skipped
@@ -266,16 +263,8 @@ def compare_methods_button(preset_name: str, table, prompts_text: str, hub_token
     token = (hub_token or "").strip() or None
     with CACHE.workdir() as folder:
         try:
-            uploads = unpack_uploads(uploaded, folder / "uploads")
-            trusted = trusted_sources([row.source for row in request.adapters], request.preset, uploads, token,
-                                      folder / "inputs")
-            request = replace(request, adapters=tuple(
-                replace(row, source=t.location, shown=t.shown, revision=t.revision)
-                for row, t in zip(request.adapters, trusted)))
-            if uses_preset_adapters(request):
-                require_available(request.preset, base_model=has_comparison(request.preset))
+            request, trusted = checked_request(request, uploaded, token, folder)
             try:
-                request = replace(request, no_comparison=check_rows(request))  # before the merge slot
                 with merge_slot(Budget(REQUEST_SECONDS, progress)):  # one merge (or comparison of methods) at a time
                     comparison = compare_methods(request, folder / "methods", progress, score=score_on_gpu)
             except CoreMergeError as error:
