@@ -1,10 +1,11 @@
-"""`python -m coremerge merge ...`: the command-line contract of PRODUCT.md."""
+"""`coremerge merge ...` (or `python -m coremerge merge ...`): the command line."""
 
 import argparse
+import gc
 import sys
 import textwrap
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -12,7 +13,9 @@ from .errors import CoreMergeError, describe_os_error, shown
 from .merging.methods import METHODS
 from .merging.options import DTYPES, SPACES, MergeOptions
 from .merging.to_folder import merge_to_folder
-from .presets import find_preset
+
+if TYPE_CHECKING:
+    from .presets import Preset
 
 EXIT_BAD_INPUT = 2
 
@@ -83,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", metavar="DEVICE",
                        help="where the merge computes, in float64 either way: cpu (default), cuda or cuda:N")
     return parser
+
+
+def find_preset(name: str) -> "Preset":
+    """The named preset (imported here: the preset schema's pydantic import is a tenth of a second that a merge of
+    SOURCEs does not need)."""
+    from .presets import find_preset as find
+
+    return find(name)
 
 
 def sources_and_weights(args: argparse.Namespace) -> tuple[list[str], Optional[list[float]]]:
@@ -161,3 +172,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError:
         fail("out of memory; merge fewer or smaller adapters, or use --space core")
     return 0
+
+
+def run() -> NoReturn:
+    """The `coremerge` program: `main` in a process of its own."""
+    # What is imported by now lives until exit: frozen, it is not walked again by the garbage collector,
+    # neither during the merge nor at exit (torch's many objects cost a third of a second there).
+    gc.freeze()
+    sys.exit(main())

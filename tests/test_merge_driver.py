@@ -28,3 +28,30 @@ def test_chunking_and_workers_do_not_change_the_merge(adapters, monkeypatch):
         torch.testing.assert_close(module.lora_b @ module.lora_a, b @ a, rtol=0, atol=1e-12)
     assert not reference
     assert torch.get_num_threads() == threads  # the driver's one-thread setting is undone
+
+
+def test_stacked_reading_gives_each_adapters_factors_in_one_stack(adapters):
+    loaded = load_adapters([str(adapters["plain"]), str(adapters["rslora"]), str(adapters["pattern"])])
+    name = next(name for name in merge.module_names(loaded) if all(name in a.modules for a in loaded))
+    users = [0, 1, 2]
+    weights = [0.5, -2.0, 3.0]
+    with loaded[0].open() as r0, loaded[1].open() as r1, loaded[2].open() as r2:
+        readers = [r0, r1, r2]
+        tasks, stacks = merge.read_stacked(loaded, readers, users, name, weights)
+        alone = [loaded[i].read_factors(readers[i], name, weights[i]) for i in users]
+    assert stacks.a.dtype == stacks.b.dtype == torch.float64
+    # the stacks are exactly the concatenated factors, and each task's factors are views of them
+    assert torch.equal(stacks.a, torch.cat([t.a for t in alone]))
+    assert torch.equal(stacks.b, torch.cat([t.b for t in alone], dim=1))
+    for task, single in zip(tasks, alone):
+        assert torch.equal(task.a, single.a) and torch.equal(task.b, single.b) and task.weight == single.weight
+        assert task.a.untyped_storage().data_ptr() == stacks.a.untyped_storage().data_ptr()
+        assert task.b.untyped_storage().data_ptr() == stacks.b.untyped_storage().data_ptr()
+        bound = float(torch.linalg.vector_norm(single.b) * torch.linalg.vector_norm(single.a))
+        assert abs(task.norm_bound - bound) <= 1e-14 * bound  # only the summation order differs
+    # the core and KnOTS merges read the stacks as they would the concatenation
+    for space in ("core", "knots"):
+        options = MergeOptions.create(method="ties", space=space)
+        with_stacks = merge.merge_module(tasks, options, merge.module_generator(0, name), stacks)
+        concatenated = merge.merge_module(alone, options, merge.module_generator(0, name))
+        torch.testing.assert_close(with_stacks.dense(), concatenated.dense(), rtol=1e-12, atol=0)

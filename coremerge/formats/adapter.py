@@ -1,8 +1,10 @@
 """The canonical adapter: per-module metadata, with the factors read lazily from the weights file."""
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
@@ -27,9 +29,19 @@ class TaskFactors:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    @cached_property
     def norm_bound(self) -> float:
-        """An upper bound of ||b @ a||_F: ||b||_F ||a||_F."""
+        """An upper bound of ||b @ a||_F: ||b||_F ||a||_F (computed once: the checks and the noise floor share it)."""
         return float(torch.linalg.vector_norm(self.b) * torch.linalg.vector_norm(self.a))
+
+
+@dataclass(frozen=True)
+class TaskStacks:
+    """One module's factors of all its tasks, read into two float64 tensors: `a` (R, n) = [A~_1; ...; A~_T] and
+    `b` (m, R) = [B~_1 ... B~_T]; each task's own `a` and `b` are views of them, so no space concatenates them."""
+
+    a: torch.Tensor
+    b: torch.Tensor
 
 
 Ranges = tuple[tuple[int, int], ...]
@@ -102,24 +114,34 @@ class Adapter:
         else:
             yield _DictReader(load_pickled_state_dict(self.source, self.weights_path))
 
-    def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0) -> TaskFactors:
-        """Canonical factors of one module: `A~ = A` (r x n), `B~ = s * B @ W` (m x r)."""
-        spec = self.modules[name]
-        a = self._read_float64(reader, spec.a_key, columns=spec.a_columns).reshape(spec.rank, -1)
-        b = self._read_float64(reader, spec.b_key, rows=spec.b_rows).reshape(spec.b_shape[0], spec.rank)
-        if spec.mixer_key is not None:
-            b = b @ self._read_float64(reader, spec.mixer_key)  # MoSLoRA: B @ W
-        b = spec.scaling * b
-        # a finite sum means finite entries (an Inf or NaN propagates); only a sum that overflows looks at each
-        if not torch.isfinite(b.sum()) and not torch.isfinite(b).all():
-            raise AdapterFormatError(f"{self.source}: module {name}: {spec.b_key} times its scaling "
-                                     f"{spec.scaling:.3g} (alpha / r) overflows")
-        return TaskFactors(a=a, b=b, weight=weight, source=self.source)
+    def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0,
+                     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> TaskFactors:
+        """Canonical factors of one module in float64: `A~ = A` (r x n), `B~ = s * B @ W` (m x r).
 
-    def _read_float64(self, reader: TensorReader, key: str, rows: Optional[Ranges] = None,
-                      columns: Optional[Ranges] = None) -> torch.Tensor:
-        """A tensor (or the given rows / columns of it) upcast exactly to float64, checked to be floating-point
-        and finite."""
+        `out`, if given, is the (r, n) and (m, r) float64 tensors to write them into (views of `TaskStacks`).
+
+        Raises:
+            AdapterFormatError: a factor that is not floating-point, holds NaN or Inf, or overflows when scaled.
+        """
+        spec = self.modules[name]
+        a = self._read(reader, spec.a_key, columns=spec.a_columns).reshape(spec.rank, -1)
+        b = self._read(reader, spec.b_key, rows=spec.b_rows).reshape(spec.b_shape[0], spec.rank)
+        if spec.mixer_key is not None:  # MoSLoRA: B @ W
+            b = b.to(torch.float64) @ self._read(reader, spec.mixer_key).to(torch.float64)
+        if out is None:
+            out = (torch.empty(a.shape, dtype=torch.float64), torch.empty(b.shape, dtype=torch.float64))
+        a_out, b_out = out
+        a_out.copy_(a)  # the upcast to float64 is exact
+        b_out.copy_(b).mul_(spec.scaling)
+        task = TaskFactors(a=a_out, b=b_out, weight=weight, source=self.source)
+        # a NaN or Inf entry makes the norms non-finite (they are needed anyway); only then are the entries looked at
+        if not math.isfinite(task.norm_bound):
+            self._refuse_non_finite(reader, name, task)
+        return task
+
+    def _read(self, reader: TensorReader, key: str, rows: Optional[Ranges] = None,
+              columns: Optional[Ranges] = None) -> torch.Tensor:
+        """A tensor as stored (or the given rows / columns of it), checked to be floating-point."""
         if rows is None and columns is None:
             tensor = reader.get_tensor(key)
         else:
@@ -130,13 +152,19 @@ class Adapter:
         if not tensor.is_floating_point():
             raise AdapterFormatError(f"{self.source}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}, "
                                      "not a floating-point LoRA factor")
-        stored_dtype, tensor = tensor.dtype, tensor.to(torch.float64)
-        # One float64 sum finds any NaN / Inf of a narrower dtype (it cannot overflow: |x| < 3.5e38 per entry),
-        # several times faster than an elementwise isfinite.
-        finite = torch.isfinite(tensor).all() if stored_dtype == torch.float64 else torch.isfinite(tensor.sum())
-        if not finite:
-            raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
         return tensor
+
+    def _refuse_non_finite(self, reader: TensorReader, name: str, task: TaskFactors) -> None:
+        """Name the tensor with a NaN or Inf entry, or the B whose scaling overflows; nothing if the entries are
+        finite (only the norms overflowed: the merge's own scale check refuses that, naming the module)."""
+        spec = self.modules[name]
+        stored = ((spec.a_key, None, spec.a_columns), (spec.b_key, spec.b_rows, None), (spec.mixer_key, None, None))
+        for key, rows, columns in stored:
+            if key is not None and not torch.isfinite(self._read(reader, key, rows, columns)).all():
+                raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
+        if not torch.isfinite(task.b).all():
+            raise AdapterFormatError(f"{self.source}: module {name}: {spec.b_key} times its scaling "
+                                     f"{spec.scaling:.3g} (alpha / r) overflows")
 
 
 class _DictReader:

@@ -13,7 +13,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from ..errors import CoreMergeError
-from ..formats.adapter import Adapter, MergedModule
+from ..formats.adapter import Adapter, MergedModule, TaskFactors, TaskStacks, TensorReader
 from .options import MergeOptions
 from .spaces import check_finite_scale, merge_module, to_lora
 
@@ -93,6 +93,24 @@ def read_chunks(adapters: Sequence[Adapter], names: Sequence[str],
         yield chunk
 
 
+def read_stacked(adapters: Sequence[Adapter], readers: Sequence[TensorReader], users: Sequence[int], name: str,
+                 weights: Sequence[float]) -> tuple[list[TaskFactors], TaskStacks]:
+    """The module's factors of each adapter that targets it (`users`), read into one A stack and one B stack."""
+    specs = [adapters[i].modules[name] for i in users]
+    total_rank = sum(spec.rank for spec in specs)
+    m, n = specs[0].shape
+    # B_stack column-major: each task's B~ is one block of memory, written and scanned (norms) contiguously
+    stacks = TaskStacks(a=torch.empty(total_rank, n, dtype=torch.float64),
+                        b=torch.empty(total_rank, m, dtype=torch.float64).T)
+    tasks, start = [], 0
+    for i, spec in zip(users, specs):
+        stop = start + spec.rank
+        out = (stacks.a[start:stop], stacks.b[:, start:stop])
+        tasks.append(adapters[i].read_factors(readers[i], name, weights[i], out=out))
+        start = stop
+    return tasks, stacks
+
+
 def merge_adapters(
     adapters: Sequence[Adapter],
     options: MergeOptions,
@@ -122,12 +140,12 @@ def merge_adapters(
     seed = int(options.params.get("seed", 0))
     started, consumer, loaded_before = time.perf_counter(), 0.0, timings.loading
 
-    def merge_one(name: str, users: list[int], tasks: list) -> MergedModule:
+    def merge_one(name: str, users: list[int], tasks: list, stacks: Optional[TaskStacks]) -> MergedModule:
         check_finite_scale(name, tasks, options.alpha)
         if device != "cpu":
-            tasks = [replace(task, a=task.a.to(device), b=task.b.to(device)) for task in tasks]
+            tasks, stacks = [replace(task, a=task.a.to(device), b=task.b.to(device)) for task in tasks], None
         try:
-            update = merge_module(tasks, options, module_generator(seed, name))
+            update = merge_module(tasks, options, module_generator(seed, name), stacks)
             lora_b, lora_a = (factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
         except (torch.linalg.LinAlgError, RuntimeError) as error:  # e.g. an SVD that does not converge
             raise CoreMergeError(f"module {name}: the merge failed numerically ({str(error).splitlines()[0]})")
@@ -146,9 +164,9 @@ def merge_adapters(
                     for name in chunk:
                         clock = time.perf_counter()
                         users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
-                        tasks = [adapters[i].read_factors(readers[i], name, weights[i]) for i in users]
+                        tasks, stacks = read_stacked(adapters, readers, users, name, weights)
                         timings.loading += time.perf_counter() - clock
-                        pending.append(pool.submit(merge_one, name, users, tasks))
+                        pending.append(pool.submit(merge_one, name, users, tasks, stacks))
                         if len(pending) > workers:
                             yield pending.popleft().result()
             while pending:

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import CoreMergeError
-from ..formats.adapter import TaskFactors
+from ..formats.adapter import TaskFactors, TaskStacks
 from .linalg import EPS64, Basis, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
 from .options import MergeOptions
@@ -51,10 +51,19 @@ def _maybe_isotropize(update: torch.Tensor, options: MergeOptions) -> torch.Tens
     return isotropic_flatten(update) if options.isotropize else update
 
 
-def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+def stacked(tasks: Sequence[TaskFactors], stacks: Optional[TaskStacks]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_stack (R, n) = [A~_1; ...; A~_T] and B_stack (m, R) = [B~_1 ... B~_T] in float64: `stacks` when the
+    factors were read into them, else concatenated."""
+    if stacks is not None:
+        return stacks.a, stacks.b
+    return (torch.cat([t.a for t in tasks]).to(torch.float64),
+            torch.cat([t.b for t in tasks], dim=1).to(torch.float64))
+
+
+def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
+                     stacks: Optional[TaskStacks] = None) -> FactoredUpdate:
     """Merge in core space: the tasks' R_B x R_A core matrices in shared reference bases."""
-    a_stack = torch.cat([t.a for t in tasks]).to(torch.float64)  # (R, n)
-    b_stack = torch.cat([t.b for t in tasks], dim=1).to(torch.float64)  # (m, R)
+    a_stack, b_stack = stacked(tasks, stacks)  # (R, n), (m, R)
     # Reference bases: U_ref (m, R_B) and V_ref (n, R_A), with the stacks' coordinates in them
     u_ref, b_coords = left_singular_basis(b_stack)  # b_coords = U_ref^T B_stack: (R_B, R)
     v_ref, a_coords = left_singular_basis(a_stack.T)  # a_coords = V_ref^T A_stack^T: (R_A, R)
@@ -66,19 +75,21 @@ def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, genera
     return FactoredUpdate(merged, left=u_ref, right=v_ref)
 
 
-def full_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+def full_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
+                     stacks: Optional[TaskStacks] = None) -> FactoredUpdate:
     """Merge the full m x n updates (the expensive baseline)."""
     updates = [t.b.to(torch.float64) @ t.a.to(torch.float64) for t in tasks]  # (m, n) each
     return FactoredUpdate(_maybe_isotropize(_apply_method(updates, tasks, options, generator), options))
 
 
-def knots_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
+def knots_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
+                stacks: Optional[TaskStacks] = None) -> FactoredUpdate:
     """KnOTS: merge the per-task right factors V_t^T of the SVD of [dW_1 | ... | dW_T].
 
     The concatenation equals `B_stack @ blockdiag(A~_t)`, so its SVD comes from the QR
     factors of B_stack and of each A~_t^T without forming it.
     """
-    b_stack = torch.cat([t.b for t in tasks], dim=1).to(torch.float64)  # (m, R)
+    _, b_stack = stacked(tasks, stacks)  # (m, R)
     u_b, b_coords = left_singular_basis(b_stack)  # (m, K), (K, R)
     qrs = [torch.linalg.qr(t.a.to(torch.float64).T) for t in tasks]  # A~_t^T = Q_t R_t: (n, q_t), (q_t, r_t)
     # Small matrix with the concatenation's spectrum: B_coords @ blockdiag(R_t^T)   (K, sum q_t)
@@ -101,9 +112,10 @@ SPACE_MERGES: dict[str, Callable[..., FactoredUpdate]] = {
 }
 
 
-def merge_module(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator) -> FactoredUpdate:
-    """Merge one module's tasks in the space the options name."""
-    update = SPACE_MERGES[options.space](tasks, options, generator)
+def merge_module(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
+                 stacks: Optional[TaskStacks] = None) -> FactoredUpdate:
+    """Merge one module's tasks in the space the options name (`stacks`: the tasks' factors, if read stacked)."""
+    update = SPACE_MERGES[options.space](tasks, options, generator, stacks)
     return replace(update, noise_floor=noise_floor(tasks, options))
 
 
@@ -117,7 +129,7 @@ def check_finite_scale(name: str, tasks: Sequence[TaskFactors], alpha: float) ->
         CoreMergeError: naming the module and the adapter.
     """
     for task in tasks:
-        bound = abs(alpha) * abs(task.weight) * task.norm_bound()
+        bound = abs(alpha) * abs(task.weight) * task.norm_bound
         if not bound <= SAFE_SCALE:
             raise CoreMergeError(
                 f"{task.source or 'an adapter'}: module {name}: its update times its weight ({task.weight:g}) and "
@@ -132,7 +144,7 @@ def noise_floor(tasks: Sequence[TaskFactors], options: MergeOptions) -> float:
     spurious rank, since the numerical rank is relative to the result's own largest value.
     """
     m, n = tasks[0].b.shape[0], tasks[0].a.shape[1]
-    scale = abs(options.alpha) * sum(abs(t.weight) * t.norm_bound() for t in tasks)
+    scale = abs(options.alpha) * sum(abs(t.weight) * t.norm_bound for t in tasks)
     return EPS64 * max(m, n) * scale
 
 
