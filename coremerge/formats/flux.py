@@ -66,9 +66,22 @@ def refuse_widened(source: str, modules: Mapping[str, ModuleSpec]) -> None:
 
 
 def convert(state_dict: dict) -> dict:
-    """diffusers' own conversion of any Flux layout to `transformer.*` / `text_encoder.*` keys."""
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin  # importing diffusers takes seconds
+    """diffusers' own conversion of any Flux layout to `transformer.*` / `text_encoder.*` keys.
 
-    converted, _ = FluxLoraLoaderMixin.lora_state_dict(state_dict, return_alphas=True)
-    return converted
+    `FluxLoraLoaderMixin.lora_state_dict` picks one of diffusers' converters by `layout` (control LoRAs are refused
+    before); the converter is called here directly, because the loader's module imports transformers and peft,
+    two seconds that renaming keys does not need. A diffusers-layout file keeps its keys; diffusers sets its
+    alphas aside, as here.
+    """
+    from diffusers.loaders import lora_conversion_utils as diffusers_conversion  # importing diffusers takes seconds
 
+    converters = {
+        "kohya": diffusers_conversion._convert_kohya_flux_lora_to_diffusers,
+        "comfyui": diffusers_conversion._convert_kohya_flux_lora_to_diffusers,
+        "xlabs": diffusers_conversion._convert_xlabs_flux_lora_to_diffusers,
+        "fal-kontext": diffusers_conversion._convert_fal_kontext_lora_to_diffusers,
+    }
+    converter = converters.get(layout(list(state_dict)))
+    if converter is None:
+        return {key: value for key, value in state_dict.items() if "alpha" not in key}
+    return converter(state_dict)

@@ -40,8 +40,6 @@ def claims(modules: Mapping[str, ModuleSpec]) -> bool:
 
 
 def convert(state_dict: dict) -> dict:
-    """diffusers' own reading of an SD3 LoRA (it only filters DoRA scales; keys stay as they are)."""
-    from diffusers.loaders.lora_pipeline import SD3LoraLoaderMixin  # importing diffusers takes seconds
-
-    return SD3LoraLoaderMixin.lora_state_dict(state_dict)
-
+    """diffusers' reading of an SD3 LoRA: `SD3LoraLoaderMixin.lora_state_dict` keeps the keys as they are (it only
+    drops DoRA scales, which coremerge refuses before), so nothing is renamed and diffusers is not imported."""
+    return dict(state_dict)
