@@ -24,6 +24,7 @@ class TaskFactors:
     b: torch.Tensor  # (m, r), B~ = s * B @ W
     weight: float = 1.0
     source: str = ""  # the adapter it comes from, for messages
+    known_bound: Optional[float] = field(default=None, repr=False)  # norm_bound, if the reader computed it
 
     @property
     def rank(self) -> int:
@@ -32,6 +33,8 @@ class TaskFactors:
     @cached_property
     def norm_bound(self) -> float:
         """An upper bound of ||b @ a||_F: ||b||_F ||a||_F (computed once: the checks and the noise floor share it)."""
+        if self.known_bound is not None:
+            return self.known_bound
         return float(torch.linalg.vector_norm(self.b) * torch.linalg.vector_norm(self.a))
 
 
@@ -114,30 +117,45 @@ class Adapter:
         else:
             yield _DictReader(load_pickled_state_dict(self.source, self.weights_path))
 
-    def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0,
-                     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> TaskFactors:
-        """Canonical factors of one module in float64: `A~ = A` (r x n), `B~ = s * B @ W` (m x r).
-
-        `out`, if given, is the (r, n) and (m, r) float64 tensors to write them into (views of `TaskStacks`).
-
-        Raises:
-            AdapterFormatError: a factor that is not floating-point, holds NaN or Inf, or overflows when scaled.
-        """
+    def read_stored(self, reader: TensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One module's A (r x n) and B (m x r) as stored (B @ W in float64 for MoSLoRA), and its scaling s."""
         spec = self.modules[name]
         a = self._read(reader, spec.a_key, columns=spec.a_columns).reshape(spec.rank, -1)
         b = self._read(reader, spec.b_key, rows=spec.b_rows).reshape(spec.b_shape[0], spec.rank)
         if spec.mixer_key is not None:  # MoSLoRA: B @ W
             b = b.to(torch.float64) @ self._read(reader, spec.mixer_key).to(torch.float64)
-        if out is None:
-            out = (torch.empty(a.shape, dtype=torch.float64), torch.empty(b.shape, dtype=torch.float64))
-        a_out, b_out = out
-        a_out.copy_(a)  # the upcast to float64 is exact
-        b_out.copy_(b).mul_(spec.scaling)
-        task = TaskFactors(a=a_out, b=b_out, weight=weight, source=self.source)
-        # a NaN or Inf entry makes the norms non-finite (they are needed anyway); only then are the entries looked at
-        if not math.isfinite(task.norm_bound):
-            self._refuse_non_finite(reader, name, task)
+        return a, b, spec.scaling
+
+    def read_factors(self, reader: TensorReader, name: str, weight: float = 1.0) -> TaskFactors:
+        """Canonical factors of one module in float64: `A~ = A` (r x n), `B~ = s * B @ W` (m x r).
+
+        Raises:
+            AdapterFormatError: a factor that is not floating-point, holds NaN or Inf, or overflows when scaled.
+        """
+        a, b, scaling = self.read_stored(reader, name)
+        task = TaskFactors(a=a.to(torch.float64), b=b.to(torch.float64) * scaling, weight=weight, source=self.source)
+        self.check_finite(reader, name, task.norm_bound)
         return task
+
+    def check_finite(self, reader: TensorReader, name: str, norm_bound: float) -> None:
+        """A NaN or Inf entry makes the module's norm bound non-finite (it is needed anyway); only then are the
+        entries looked at, to name the tensor.
+
+        Raises:
+            AdapterFormatError: naming the tensor with a NaN or Inf entry, or the B whose scaling overflows.
+                Finite entries whose norms alone overflow pass: the merge's scale check refuses them.
+        """
+        if math.isfinite(norm_bound):
+            return
+        spec = self.modules[name]
+        stored = ((spec.a_key, None, spec.a_columns), (spec.b_key, spec.b_rows, None), (spec.mixer_key, None, None))
+        for key, rows, columns in stored:
+            if key is not None and not torch.isfinite(self._read(reader, key, rows, columns)).all():
+                raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
+        _, b, scaling = self.read_stored(reader, name)
+        if not torch.isfinite(b.to(torch.float64) * scaling).all():
+            raise AdapterFormatError(f"{self.source}: module {name}: {spec.b_key} times its scaling "
+                                     f"{spec.scaling:.3g} (alpha / r) overflows")
 
     def _read(self, reader: TensorReader, key: str, rows: Optional[Ranges] = None,
               columns: Optional[Ranges] = None) -> torch.Tensor:
@@ -153,18 +171,6 @@ class Adapter:
             raise AdapterFormatError(f"{self.source}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}, "
                                      "not a floating-point LoRA factor")
         return tensor
-
-    def _refuse_non_finite(self, reader: TensorReader, name: str, task: TaskFactors) -> None:
-        """Name the tensor with a NaN or Inf entry, or the B whose scaling overflows; nothing if the entries are
-        finite (only the norms overflowed: the merge's own scale check refuses that, naming the module)."""
-        spec = self.modules[name]
-        stored = ((spec.a_key, None, spec.a_columns), (spec.b_key, spec.b_rows, None), (spec.mixer_key, None, None))
-        for key, rows, columns in stored:
-            if key is not None and not torch.isfinite(self._read(reader, key, rows, columns)).all():
-                raise AdapterFormatError(f"{self.source}: tensor {key} contains NaN or Inf values")
-        if not torch.isfinite(task.b).all():
-            raise AdapterFormatError(f"{self.source}: module {name}: {spec.b_key} times its scaling "
-                                     f"{spec.scaling:.3g} (alpha / r) overflows")
 
 
 class _DictReader:

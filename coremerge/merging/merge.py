@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import CoreMergeError
 from ..formats.adapter import Adapter, MergedModule, TaskFactors, TaskStacks, TensorReader
 from .options import MergeOptions
+from .linalg import squared_norms
 from .spaces import check_finite_scale, merge_module, to_lora
 
 BYTES_PER_READ = 64 * 2**20  # files are reopened after this much so that their memory maps do not pile up
@@ -95,20 +96,25 @@ def read_chunks(adapters: Sequence[Adapter], names: Sequence[str],
 
 def read_stacked(adapters: Sequence[Adapter], readers: Sequence[TensorReader], users: Sequence[int], name: str,
                  weights: Sequence[float]) -> tuple[list[TaskFactors], TaskStacks]:
-    """The module's factors of each adapter that targets it (`users`), read into one A stack and one B stack."""
-    specs = [adapters[i].modules[name] for i in users]
-    total_rank = sum(spec.rank for spec in specs)
-    m, n = specs[0].shape
-    # B_stack column-major: each task's B~ is one block of memory, written and scanned (norms) contiguously
-    stacks = TaskStacks(a=torch.empty(total_rank, n, dtype=torch.float64),
-                        b=torch.empty(total_rank, m, dtype=torch.float64).T)
+    """The module's factors of each adapter that targets it (`users`), read into one A stack and one B stack.
+
+    The stored factors are concatenated first and upcast in one pass (exact), then B~ = s B is scaled column by
+    column; each task's norm bound comes from the squared norms of the stacks' rows (A) and columns (B).
+    """
+    stored = [adapters[i].read_stored(readers[i], name) for i in users]
+    a_stack = torch.cat([a for a, _, _ in stored]).to(torch.float64)  # (R, n)
+    scalings = torch.cat([torch.full((b.shape[1],), scaling, dtype=torch.float64) for _, b, scaling in stored])
+    b_stack = torch.cat([b for _, b, _ in stored], dim=1).to(torch.float64).mul_(scalings)  # (m, R)
+    a_squares, b_squares = squared_norms(a_stack, dim=1), squared_norms(b_stack, dim=0)  # (R,) each
     tasks, start = [], 0
-    for i, spec in zip(users, specs):
-        stop = start + spec.rank
-        out = (stacks.a[start:stop], stacks.b[:, start:stop])
-        tasks.append(adapters[i].read_factors(readers[i], name, weights[i], out=out))
+    for i, (a, _, _) in zip(users, stored):
+        stop = start + a.shape[0]
+        bound = float(b_squares[start:stop].sum().sqrt() * a_squares[start:stop].sum().sqrt())
+        adapters[i].check_finite(readers[i], name, bound)
+        tasks.append(TaskFactors(a=a_stack[start:stop], b=b_stack[:, start:stop], weight=weights[i],
+                                 source=adapters[i].source, known_bound=bound))
         start = stop
-    return tasks, stacks
+    return tasks, TaskStacks(a=a_stack, b=b_stack)
 
 
 def merge_adapters(
