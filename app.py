@@ -1,5 +1,7 @@
 """coremerge's Gradio app: UI wiring only; the handlers live in coremerge.webapp.handlers."""
 
+import os
+
 import spaces  # noqa: F401  - must come before torch on ZeroGPU
 
 import gradio as gr  # noqa: E402
@@ -11,6 +13,10 @@ from coremerge.presets import find_preset  # noqa: E402
 from coremerge.webapp import handlers, method_comparison  # noqa: E402
 from coremerge.webapp.housekeeping import remove_on_signals  # noqa: E402
 from coremerge.webapp.render import RANK_COLUMNS  # noqa: E402
+
+# The Space maps visitors' LoRA key layouts in-process (diffusers is loaded for the image grids anyway) and keeps
+# none of them on its disk (coremerge.formats.key_map_cache).
+os.environ.setdefault("COREMERGE_CACHE", "off")
 
 TITLE = "coremerge: merge LoRA adapters in Core Space"
 INTRO = ("Merge several LoRA adapters of one base model into one with **Core Space merging** "

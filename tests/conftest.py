@@ -19,6 +19,12 @@ from coremerge.merging.merge import module_generator, module_names
 BASE_NAME = "coremerge-tests/tiny-llama"
 
 
+@pytest.fixture(autouse=True)
+def key_map_cache(tmp_path_factory, monkeypatch):
+    """Every test its own empty key map cache (coremerge.formats.key_map_cache), never the user's."""
+    monkeypatch.setenv("COREMERGE_CACHE", str(tmp_path_factory.mktemp("key-maps")))
+
+
 def tiny_llama(hidden_size: int = 32, name: str = BASE_NAME) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -16,6 +16,7 @@ from typing import Optional
 from safetensors import safe_open
 
 from ..errors import AdapterFormatError
+from . import key_map_cache
 from .adapter import Adapter, ModuleSpec, load_pickled_state_dict
 from .diffusion_family import detect_family
 from .peft_format import PEFT_PREFIX, load_peft_adapter, module_spec, refuse_non_lora, tensor_index
@@ -82,7 +83,10 @@ def load_diffusion_adapter(resolved: ResolvedSource) -> Adapter:
     kohya = all(key.startswith(KOHYA_PREFIXES) for key in shapes)
     alphas = _read_alphas(resolved, [key for key in shapes if key.endswith(".alpha")]) if kohya else {}
     stand_ins = {key: FileKey(key, alphas.get(key, 0.0)) for key in shapes}
-    renamed = _kohya_to_peft_names(source, stand_ins) if kohya else _diffusers_to_peft_names(stand_ins)
+    renamed = key_map_cache.remembered(
+        "sd-kohya" if kohya else "sd-diffusers", {"shapes": shapes, "alphas": alphas},
+        lambda: _kohya_to_peft_names(source, stand_ins) if kohya else _diffusers_to_peft_names(stand_ins),
+        pack=lambda stand_in: stand_in.key, unpack=lambda key: stand_ins[key])
     configs = _component_configs(source, file_metadata)
     modules, ignored = {}, []
     for (component, local), parts in sorted(_group(renamed, ignored).items()):

@@ -14,14 +14,14 @@ from dataclasses import replace
 from typing import Mapping, Optional
 
 from ..errors import AdapterFormatError
-from . import flux, sd3
+from . import flux, key_map_cache, sd3
 from .adapter import Adapter, ModuleSpec
 from .diffusion_family import FLUX, SD3, UNKNOWN_DIT
 from .diffusion_format import (DIFFUSERS_METADATA_KEY, PEFT_KEY, TEXT_MODEL, _component_configs,
                                _diffusers_to_peft_names, _file_metadata, _read_alphas)
 from .peft_format import PEFT_PREFIX, load_peft_adapter, module_spec, refuse_non_lora, tensor_index
 from .sources import ResolvedSource
-from .traced_conversion import DOWN, Origin, trace_conversion
+from .traced_conversion import DOWN, Origin, factor_role, trace_conversion
 
 # Top-level modules of diffusers' transformer denoisers: a peft folder of one has only these.
 TRANSFORMER_TOP_LEVEL = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
@@ -69,8 +69,10 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
         return replace(adapter, modules=modules, family=_family(modules, metadata, False))
 
     flux_only = flux.claims(keys)
-    origins = trace_conversion(source, shapes, flux.convert if flux_only else sd3.convert)
-    renamed = _diffusers_to_peft_names({_prefixed(key): origin for key, origin in origins.items()})
+    renamed = key_map_cache.remembered(
+        "dit-flux" if flux_only else "dit-sd3", shapes,
+        lambda: _converted_names(source, shapes, flux.convert if flux_only else sd3.convert),
+        pack=lambda origin: [origin.key, origin.ranges, origin.full], unpack=lambda packed: _origin(packed, shapes))
     configs = _component_configs(source, metadata)
     alphas = _read_alphas(resolved, [key for key in keys if key.endswith(".alpha")])
     layout = flux.layout(keys) if flux_only else "diffusers"
@@ -91,7 +93,7 @@ def load_transformer_adapter(resolved: ResolvedSource) -> Adapter:
         modules[name] = replace(spec, name=name)
     if not modules:
         raise AdapterFormatError(f"{source}: {resolved.weights_path.name} holds no LoRA tensors")
-    used = {origin.key for origin in origins.values()}
+    used = {origin.key for origin in renamed.values()}
     ignored = [key for key in keys if key not in used and not key.endswith(".alpha")]
     if ignored:
         print(f"coremerge: warning: {source}: ignoring {len(ignored)} tensor(s) diffusers does not load, such as "
@@ -121,6 +123,27 @@ def _refuse_diffs(source: str, shapes: Mapping[str, tuple]) -> None:
             f"{source}: full-weight difference (tensor {key}); it is not a low-rank update, so coremerge "
             "refuses to merge the file"
         )
+
+
+def _converted_names(source: str, shapes: Mapping[str, tuple[int, ...]], convert) -> dict[str, Origin]:
+    """{peft-style module key: where its factor lies in the file}, as the family's diffusers converter maps it."""
+    origins = trace_conversion(source, shapes, convert)
+    return _diffusers_to_peft_names({_prefixed(key): origin for key, origin in origins.items()})
+
+
+def _origin(packed, shapes: Mapping[str, tuple[int, ...]]) -> Origin:
+    """An `Origin` read back from the key map cache, checked to lie inside the file's tensor.
+
+    Raises:
+        KeyError, TypeError, ValueError: anything that does not describe a tensor of this file.
+    """
+    key, ranges, full = packed
+    shape = shapes[key]
+    width = shape[1] if factor_role(key) == "down" else shape[0]
+    ranges = tuple((int(start), int(stop)) for start, stop in ranges)
+    if len(shape) != 2 or not isinstance(full, bool) or not all(0 <= a < b <= width for a, b in ranges):
+        raise ValueError(f"{key}: not a row / column selection of this file's tensor")
+    return Origin(key, ranges, full)
 
 
 def _prefixed(key: str) -> str:
