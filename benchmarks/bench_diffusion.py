@@ -5,7 +5,8 @@ meta device from their published configs, so no weights are needed), targeting w
 targets by default: every Linear of the UNet's transformer blocks (attention, feed-forward, proj_in /
 proj_out) and the text encoders' attention and MLP layers. Two kohya files (float16, ranks 32 and 16,
 alpha 16 and 8) and one diffusers file (float16, rank 8, its LoraConfig in the header) are written, then
-merged with TSV in core space, `--repeats` times (best counts), each beside the floor for the same bytes
+merged with TSV in core space, `--repeats` times (best counts; the first run maps the files' keys with diffusers,
+the later ones read the maps from a fresh key map cache), each beside the floor for the same bytes
 (`measure.py`: start Python, import torch, read the inputs, write a file of the output's size). Printed: the
 CLI's own summary, wall and CPU time with the load average, the breakdown, the floor and the ratio, peak RSS.
 Targets: <= 5 s wall and <= 2.5x the floor.
@@ -27,7 +28,7 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from measure import load, print_floor_comparison, run_floor, run_measured
+from measure import fresh_key_map_cache, load, print_cold_and_warm, print_floor_comparison, run_floor, run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_SECONDS, TARGET_RATIO = 5.0, 2.5
@@ -112,6 +113,7 @@ def main() -> None:
         command = [sys.executable, "-m", "coremerge", "merge", *map(str, files), "--method", args.method,
                    "--output", str(out)]
         runs, floors = [], []
+        fresh_key_map_cache(workdir)
         for _ in range(args.repeats):
             shutil.rmtree(out, ignore_errors=True)
             runs.append(run_measured(command, REPO))
@@ -124,6 +126,7 @@ def main() -> None:
               f" ({load()})")
         print(f"cli: {min(runs, key=lambda run: run['seconds'])['output'].splitlines()[-1]}")
         print_floor_comparison("cli", runs, floors, breakdown, TARGET_SECONDS, TARGET_RATIO)
+        print_cold_and_warm(runs)
     finally:
         if not args.keep:
             shutil.rmtree(workdir)

@@ -19,6 +19,7 @@ Usage:
     python benchmarks/bench_merge.py [--workdir DIR] [--adapters 8] [--layers 32] [--repeats 3] [--keep]
                                      [--cli-only]
     python benchmarks/bench_merge.py --scaling [--scaling-layers 2] [--crossover-size 4096] [--plot PNG]
+    python benchmarks/bench_merge.py --scaling --crossover-only [--crossover-size 4096]
 
 The adapters are written to DIR (default: a new temporary folder under /tmp; adapters already in DIR
 are reused) and removed at the end unless --keep. The output is plain text lines that the README quotes.
@@ -28,7 +29,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
                         help="adapters in the one-module crossover (default 2, the case most favourable to full space)")
     parser.add_argument("--crossover-size", type=int, default=4096,
                         help="m = n of the crossover module (default 4096; full space then takes minutes per point)")
+    parser.add_argument("--crossover-only", action="store_true",
+                        help="with --scaling: only the one-module crossover (the CLI runs are skipped; no plot)")
     parser.add_argument("--plot", type=Path, help="with --scaling: write the plot (PNG) there")
     return parser.parse_args()
 
@@ -344,6 +346,9 @@ def main() -> None:
     shutil.rmtree(output, ignore_errors=True)  # a merged folder left by an earlier --keep run
     print(f"coremerge merge benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}")
     try:
+        if args.scaling and args.crossover_only:
+            report_crossover(args.crossover_adapters, args.crossover_size)
+            return
         if args.scaling:
             scaling = report_scaling(adapters_root, workdir, args.scaling_layers)
             crossover = report_crossover(args.crossover_adapters, args.crossover_size)

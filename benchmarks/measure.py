@@ -6,6 +6,7 @@ the wall time means little without it, so the CPU time of the process is printed
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,24 @@ save_file(output, out_path)
 written = time.perf_counter()
 print(json.dumps({"imports": imported - started, "reading": read - imported, "writing": written - clock}))
 """
+
+
+def fresh_key_map_cache(workdir: Path) -> Path:
+    """An empty key map cache for the CLI runs that follow (COREMERGE_CACHE, inherited by the children): the first
+    run maps the files' keys with diffusers (importing it), later ones read the maps from the cache."""
+    folder = workdir / "key-maps"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.environ["COREMERGE_CACHE"] = str(folder)
+    return folder
+
+
+def print_cold_and_warm(runs: Sequence[dict]) -> None:
+    """The first run (no key maps cached: diffusers imported) beside the best of the later ones."""
+    if len(runs) < 2:
+        return
+    warm = min(run["seconds"] for run in runs[1:])
+    print(f"key maps: run 1 (none cached, diffusers imported) {runs[0]['seconds']:.2f} s wall; runs 2-{len(runs)} "
+          f"(read from the cache) best {warm:.2f} s, {runs[0]['seconds'] - warm:.2f} s less")
 
 
 def load() -> str:

@@ -4,7 +4,6 @@ import argparse
 import gc
 import sys
 import textwrap
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
 
 from tqdm.auto import tqdm
