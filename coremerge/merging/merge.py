@@ -14,8 +14,8 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import CoreMergeError
 from ..formats.adapter import Adapter, MergedModule, TaskFactors, TaskStacks, TensorReader
-from .options import MergeOptions
 from .linalg import squared_norms
+from .options import MergeOptions
 from .spaces import check_finite_scale, merge_module, to_lora
 
 BYTES_PER_READ = 64 * 2**20  # files are reopened after this much so that their memory maps do not pile up
