@@ -1,8 +1,8 @@
 """coremerge's Gradio app: UI wiring only; the handlers live in coremerge.webapp.handlers."""
 
-import os
-
 import spaces  # noqa: F401  - must come before torch on ZeroGPU
+
+import os  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
