@@ -83,8 +83,8 @@ def client_clicks(url: str, runs: int, first_alpha: float) -> list[float]:
     for run in range(runs):
         alpha = first_alpha + 0.05 * run  # a new alpha each time: never a cached result
         started = time.perf_counter()
-        client.predict("digits", rows, "tsv", "core", alpha, False, None, "", *[p.default for p in PARAMETERS],
-                       api_name="/merge_and_compare")
+        client.predict("digits", rows, "tsv", "core", alpha, False, None, "", "", None,  # no Hub token, no uploads
+                       *[p.default for p in PARAMETERS], api_name="/merge_and_compare")
         seconds.append(time.perf_counter() - started)
     return seconds
 
