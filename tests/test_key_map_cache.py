@@ -108,3 +108,23 @@ def test_the_cache_can_be_turned_off_or_be_unwritable(tmp_path):
     unwritable = [load_in_new_process(source, str(blocker / "cache")) for _ in range(2)]
     assert unwritable == runs and blocker.read_text() == ""
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file", "lora.safetensors"]
+
+
+def test_an_entry_is_tied_to_the_code_that_mapped_it(tmp_path, monkeypatch):
+    from coremerge.formats import key_map_cache
+
+    monkeypatch.setenv("COREMERGE_CACHE", str(tmp_path))
+    calls = []
+
+    def convert():
+        calls.append(1)
+        return {"module.lora_A.weight": "file.lora_down.weight"}
+
+    def remembered():
+        return key_map_cache.remembered("test", {"file.lora_down.weight": [4, 8]}, convert, str, str)
+
+    assert remembered() == remembered() == {"module.lora_A.weight": "file.lora_down.weight"}
+    assert len(calls) == 1  # the second call read the entry
+    monkeypatch.setattr(key_map_cache, "_mapping_code", lambda: "other code")
+    assert remembered() == {"module.lora_A.weight": "file.lora_down.weight"} and len(calls) == 2
+    assert len(list(tmp_path.iterdir())) == 2

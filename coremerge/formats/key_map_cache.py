@@ -4,7 +4,7 @@ diffusers (two to three seconds, most of a small merge).
 The mapping (which file tensor, and which of its rows or columns, each module's factor comes from) depends only on
 the file's tensor names and shapes (and kohya alphas), on diffusers' converters and on coremerge's own reading of
 them. It is stored as JSON in the user's cache folder, one file per layout, named by a SHA-256 of all of these
-(the diffusers and coremerge versions included), and written atomically. An entry that cannot be read or does not
+(the diffusers version, and coremerge's version and the code of its key-mapping modules), written atomically. An entry that cannot be read or does not
 describe this file is ignored and rewritten. `COREMERGE_CACHE` names another folder, or "off" turns it off.
 """
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -19,6 +20,9 @@ from typing import Any, Callable, Optional, TypeVar
 from ..version import __version__
 
 ENVIRONMENT = "COREMERGE_CACHE"
+# the modules whose code decides a mapping (besides diffusers'): their bytes are part of every entry's name
+MAPPING_MODULES = ("diffusion_format.py", "transformer_format.py", "traced_conversion.py", "flux.py", "sd3.py",
+                   "peft_format.py", "key_map_cache.py")
 OFF = ("off", "0", "false", "no")
 Value = TypeVar("Value")
 
@@ -70,10 +74,24 @@ def _entry(kind: str, layout: Any) -> Optional[Path]:
         diffusers_version = version("diffusers")
     except PackageNotFoundError:
         return None
-    if folder is None:
+    code = _mapping_code()
+    if folder is None or code is None:
         return None
-    described = json.dumps([kind, __version__, diffusers_version, layout], sort_keys=True)
+    described = json.dumps([kind, __version__, code, diffusers_version, layout], sort_keys=True)
     return folder / f"{hashlib.sha256(described.encode()).hexdigest()}.json"
+
+
+@lru_cache(maxsize=1)
+def _mapping_code() -> Optional[str]:
+    """SHA-256 of coremerge's own key-mapping modules, so that an entry written by other code (a checkout between
+    releases) is never read back; None (no cache) if their sources cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        for name in MAPPING_MODULES:
+            digest.update((Path(__file__).parent / name).read_bytes())
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _write(entry: Path, packed: dict) -> None:
