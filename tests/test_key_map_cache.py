@@ -81,6 +81,8 @@ def test_a_different_layout_is_not_read_from_anothers_entry(tmp_path):
     "not json {",
     json.dumps(["a", "list"]),
     json.dumps({"transformer.single_transformer_blocks.2.attn.to_q.lora_A.weight": ["no.such.key", [[0, 4]], True]}),
+    json.dumps({"transformer.single_transformer_blocks.2.attn.to_q.lora_A.weight":  # a scalar, not a factor
+                ["lora_unet_single_blocks_2_linear1.alpha", [[0, 1]], True]}),
     "out of range",
 ])
 def test_a_damaged_or_foreign_entry_is_ignored_and_rewritten(damage, tmp_path):

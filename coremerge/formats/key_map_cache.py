@@ -4,8 +4,9 @@ diffusers (two to three seconds, most of a small merge).
 The mapping (which file tensor, and which of its rows or columns, each module's factor comes from) depends only on
 the file's tensor names and shapes (and kohya alphas), on diffusers' converters and on coremerge's own reading of
 them. It is stored as JSON in the user's cache folder, one file per layout, named by a SHA-256 of all of these
-(the diffusers version, and coremerge's version and the code of its key-mapping modules), written atomically. An entry that cannot be read or does not
-describe this file is ignored and rewritten. `COREMERGE_CACHE` names another folder, or "off" turns it off.
+(the diffusers version, coremerge's version and the code of its key-mapping modules), written atomically. An
+entry that cannot be read or does not describe this file is ignored and rewritten. `COREMERGE_CACHE` names another
+folder, or "off" turns it off.
 """
 
 import hashlib
@@ -47,7 +48,8 @@ def remembered(kind: str, layout: Any, convert: Callable[[], dict[str, Value]], 
         layout: JSON-able description of everything the conversion reads (names, shapes, alphas).
         convert: the conversion itself; its exceptions propagate and nothing is stored.
         pack: one value of the mapping to JSON.
-        unpack: one JSON value back; raises ValueError, KeyError or TypeError for anything that does not fit the file.
+        unpack: one JSON value back; raises ValueError, KeyError, IndexError or TypeError for anything that does not
+            fit the file.
     """
     entry = _entry(kind, layout)
     if entry is not None:
@@ -56,7 +58,7 @@ def remembered(kind: str, layout: Any, convert: Callable[[], dict[str, Value]], 
             if not isinstance(stored, dict):
                 raise TypeError("not a mapping")
             return {str(name): unpack(value) for name, value in stored.items()}
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
             pass  # missing, unreadable or not this file's: convert again
     mapping = convert()
     if entry is not None:
@@ -69,13 +71,12 @@ def remembered(kind: str, layout: Any, convert: Callable[[], dict[str, Value]], 
 
 
 def _entry(kind: str, layout: Any) -> Optional[Path]:
-    folder = cache_folder()
+    folder, code = cache_folder(), _mapping_code()
+    if folder is None or code is None:
+        return None
     try:
         diffusers_version = version("diffusers")
     except PackageNotFoundError:
-        return None
-    code = _mapping_code()
-    if folder is None or code is None:
         return None
     described = json.dumps([kind, __version__, code, diffusers_version, layout], sort_keys=True)
     return folder / f"{hashlib.sha256(described.encode()).hexdigest()}.json"
@@ -96,13 +97,13 @@ def _mapping_code() -> Optional[str]:
 
 def _write(entry: Path, packed: dict) -> None:
     """Write atomically (a reader never sees half a file); a folder that cannot be written just means no cache."""
+    temporary: Optional[Path] = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=entry.parent, suffix=".tmp", delete=False) as handle:
+            temporary = Path(handle.name)
             json.dump(packed, handle)
-        os.replace(handle.name, entry)
+        os.replace(temporary, entry)
     except OSError:
-        try:
-            os.unlink(handle.name)
-        except (OSError, NameError):
-            pass
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)

@@ -67,9 +67,8 @@ def rounding_verdict(cast: torch.Tensor, exact: torch.Tensor) -> Optional[str]:
     if not torch.isfinite(cast).all():
         return "overflow"
     exact = exact.to(torch.float64)
-    if torch.linalg.vector_norm(cast.to(torch.float64) - exact) > UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact):
-        return "underflow"
-    return None
+    error = torch.linalg.vector_norm(cast.to(torch.float64) - exact)
+    return "underflow" if error > UNDERFLOW_TOLERANCE * torch.linalg.vector_norm(exact) else None
 
 
 def fits_by_norm(size: float, count: int, dtype: torch.dtype) -> bool:

@@ -1,10 +1,11 @@
 """Read LoRAs of diffusion transformers (Flux.1, SD3 / SD3.5) into the canonical form, by one generic path.
 
-The family's diffusers pipeline converter (`FluxPipeline.lora_state_dict`, ...) renames the keys and splits
-fused projections; `traced_conversion` learns from it, on probes, where every converted factor lies in the
-file. Modules are then named as in the pipeline, component first (`transformer.transformer_blocks.0.attn.to_q`,
-`text_encoder.encoder.layers.0.self_attn.q_proj`), and their factors stay in the file until merged: a split
-module reads only its rows of the fused up factor, the shared down factor whole, so every update is exact.
+The family's diffusers converter (the one `FluxPipeline.lora_state_dict` picks; SD3 keeps its keys) renames the
+keys and splits fused projections; `traced_conversion` learns from it, on probes, where every converted factor
+lies in the file (`key_map_cache` remembers that per layout). Modules are then named as in the pipeline,
+component first (`transformer.transformer_blocks.0.attn.to_q`, `text_encoder.encoder.layers.0.self_attn.q_proj`),
+and their factors stay in the file until merged: a split module reads only its rows of the fused up factor, the
+shared down factor whole, so every update is exact.
 """
 
 import re
@@ -139,9 +140,11 @@ def _origin(packed, shapes: Mapping[str, tuple[int, ...]]) -> Origin:
     """
     key, ranges, full = packed
     shape = shapes[key]
+    if len(shape) != 2 or not factor_role(key) or not isinstance(full, bool):
+        raise ValueError(f"{key}: not a LoRA factor of this file")
     width = shape[1] if factor_role(key) == "down" else shape[0]
     ranges = tuple((int(start), int(stop)) for start, stop in ranges)
-    if len(shape) != 2 or not isinstance(full, bool) or not all(0 <= a < b <= width for a, b in ranges):
+    if not all(0 <= start < stop <= width for start, stop in ranges):
         raise ValueError(f"{key}: not a row / column selection of this file's tensor")
     return Origin(key, ranges, full)
 

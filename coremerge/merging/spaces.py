@@ -51,19 +51,20 @@ def _maybe_isotropize(update: torch.Tensor, options: MergeOptions) -> torch.Tens
     return isotropic_flatten(update) if options.isotropize else update
 
 
-def stacked(tasks: Sequence[TaskFactors], stacks: Optional[TaskStacks]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_stack (R, n) = [A~_1; ...; A~_T] and B_stack (m, R) = [B~_1 ... B~_T] in float64: `stacks` when the
-    factors were read into them, else concatenated."""
-    if stacks is not None:
-        return stacks.a, stacks.b
-    return (torch.cat([t.a for t in tasks]).to(torch.float64),
-            torch.cat([t.b for t in tasks], dim=1).to(torch.float64))
+def a_stack_of(tasks: Sequence[TaskFactors], stacks: Optional[TaskStacks]) -> torch.Tensor:
+    """A_stack (R, n) = [A~_1; ...; A~_T] in float64: `stacks.a` if the factors were read into it, else concatenated."""
+    return stacks.a if stacks is not None else torch.cat([t.a for t in tasks]).to(torch.float64)
+
+
+def b_stack_of(tasks: Sequence[TaskFactors], stacks: Optional[TaskStacks]) -> torch.Tensor:
+    """B_stack (m, R) = [B~_1 ... B~_T] in float64: `stacks.b` when the factors were read into it, else concatenated."""
+    return stacks.b if stacks is not None else torch.cat([t.b for t in tasks], dim=1).to(torch.float64)
 
 
 def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
                      stacks: Optional[TaskStacks] = None) -> FactoredUpdate:
     """Merge in core space: the tasks' R_B x R_A core matrices in shared reference bases."""
-    a_stack, b_stack = stacked(tasks, stacks)  # (R, n), (m, R)
+    a_stack, b_stack = a_stack_of(tasks, stacks), b_stack_of(tasks, stacks)  # (R, n), (m, R)
     # Reference bases: U_ref (m, R_B) and V_ref (n, R_A), with the stacks' coordinates in them
     u_ref, b_coords = left_singular_basis(b_stack)  # b_coords = U_ref^T B_stack: (R_B, R)
     v_ref, a_coords = left_singular_basis(a_stack.T)  # a_coords = V_ref^T A_stack^T: (R_A, R)
@@ -89,7 +90,7 @@ def knots_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: 
     The concatenation equals `B_stack @ blockdiag(A~_t)`, so its SVD comes from the QR
     factors of B_stack and of each A~_t^T without forming it.
     """
-    _, b_stack = stacked(tasks, stacks)  # (m, R)
+    b_stack = b_stack_of(tasks, stacks)  # (m, R)
     u_b, b_coords = left_singular_basis(b_stack)  # (m, K), (K, R)
     qrs = [torch.linalg.qr(t.a.to(torch.float64).T) for t in tasks]  # A~_t^T = Q_t R_t: (n, q_t), (q_t, r_t)
     # Small matrix with the concatenation's spectrum: B_coords @ blockdiag(R_t^T)   (K, sum q_t)
