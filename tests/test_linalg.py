@@ -44,7 +44,20 @@ def test_polar_factor_ignores_null_directions():
     u = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64))[0]
     duplicated = torch.cat([u, -u], dim=1)  # rank 3: [U, -U] = U [I, -I]
     expected = u @ torch.cat([torch.eye(3), -torch.eye(3)], dim=1).double() / 2 ** 0.5
-    torch.testing.assert_close(polar_factor(duplicated), expected)
+    factor, full_rank = polar_factor(duplicated)
+    torch.testing.assert_close(factor, expected)
+    assert not full_rank
+
+
+def test_polar_factor_of_a_full_rank_matrix_has_orthonormal_columns():
+    matrix = torch.randn(20, 6, dtype=torch.float64)
+    factor, full_rank = polar_factor(matrix)
+    assert full_rank
+    torch.testing.assert_close(factor.T @ factor, torch.eye(6, dtype=torch.float64), atol=1e-13, rtol=0)
+    # the polar decomposition matrix = factor @ H with H symmetric positive definite
+    h = factor.T @ matrix
+    torch.testing.assert_close(h, h.T, atol=1e-12, rtol=0)
+    assert torch.linalg.eigvalsh(h).min() > 0
 
 
 def test_gram_of_a_stack_and_of_a_transposed_view():

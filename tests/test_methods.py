@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from coremerge import METHODS, CoreMergeError, MergeOptions
-from coremerge.merging.methods import dare, dare_ties, elect_sign, iso_c, iso_cts, magnitude_trim, ties, tsv
+from coremerge.merging.linalg import SingularTriplets
+from coremerge.merging.methods import (dare, dare_ties, elect_sign, iso_c, iso_cts, magnitude_trim, ties, tsv,
+                                      tsv_triplets)
 
 
 def test_ties_hand_example():
@@ -98,6 +100,37 @@ def test_tsv_from_factors_matches_the_same_reference():
     items = [left @ right.T for left, right in factors]
     expected = torch.from_numpy(reference_tsv([x.numpy() for x in items], ranks))
     torch.testing.assert_close(tsv(items, ranks, factors), expected)
+
+
+def test_tsv_triplets_are_an_svd_of_the_same_merge():
+    """With full-rank concatenations TSV's U_perp and V_perp are orthonormal: its triplets are the SVD (up to order)
+    of the same matrix, which the export then uses instead of a new SVD."""
+    g = torch.Generator().manual_seed(2)
+    ranks = [2, 5, 3]
+    factors = [(torch.randn(30, r, generator=g, dtype=torch.float64), torch.randn(20, r, generator=g, dtype=torch.float64))
+               for r in ranks]
+    items = [left @ right.T for left, right in factors]
+    triplets = tsv_triplets(items, ranks, factors)
+    assert isinstance(triplets, SingularTriplets)
+    k = triplets.s.numel()
+    eye = torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(triplets.u.T @ triplets.u, eye, atol=1e-13, rtol=0)
+    torch.testing.assert_close(triplets.vh @ triplets.vh.T, eye, atol=1e-13, rtol=0)
+    expected = torch.from_numpy(reference_tsv([x.numpy() for x in items], ranks))
+    torch.testing.assert_close(triplets.dense(), expected)
+    _, s, _ = triplets.descending()
+    torch.testing.assert_close(s, torch.linalg.svdvals(expected)[:k])
+
+
+def test_tsv_with_a_rank_deficient_concatenation_gives_the_matrix():
+    """Two identical tasks X = U S V^T: the concatenation [U, U] = U [I, I] has rank 4 of 8, its polar factor
+    (null directions dropped) is U [I, I] / sqrt(2), not orthonormal, so no triplets; the merge is then
+    U [I, I] / sqrt(2) diag(S, S) [I; I] V^T / sqrt(2) = X."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 20, generator=g, dtype=torch.float64)
+    merged = tsv_triplets([x, x], [4, 4])
+    assert isinstance(merged, torch.Tensor)
+    torch.testing.assert_close(merged, x, rtol=0, atol=1e-12)
 
 
 def test_iso_c_flattens_the_spectrum():

@@ -1,5 +1,7 @@
 """Spaces on real peft adapters: lossless core space, core == full where SPEC says so, identities."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -94,6 +96,20 @@ def test_rank_truncation_is_the_best_low_rank_approximation(module_tasks):
     assert lora_a.shape[0] == lora_b.shape[1] == 3
     u, s, vh = torch.linalg.svd(update.dense())
     torch.testing.assert_close(lora_b @ lora_a, u[:, :3] @ torch.diag(s[:3]) @ vh[:3])
+
+
+@pytest.mark.parametrize("alpha, max_rank", [(1.0, None), (-0.7, None), (1.3, 3)])
+def test_export_from_the_methods_triplets_equals_the_export_from_an_svd(module_tasks, alpha, max_rank):
+    """TSV in core space hands its SVD to the export; a negative alpha flips U, truncation keeps the largest values."""
+    name, tasks = next((n, t) for n, t in module_tasks.items() if len(t) >= 3)
+    update = merged(tasks, name, method="tsv", space="core", alpha=alpha)
+    assert update.core_svd is not None
+    lora_b, lora_a = to_lora(update, max_rank)
+    via_svd_b, via_svd_a = to_lora(replace(update, core_svd=None), max_rank)
+    assert lora_a.shape == via_svd_a.shape
+    torch.testing.assert_close(lora_b @ lora_a, via_svd_b @ via_svd_a, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lora_b.norm(dim=0), via_svd_b.norm(dim=0), rtol=1e-10, atol=0)  # same singular values
+    torch.testing.assert_close(lora_a @ lora_a.T, torch.eye(lora_a.shape[0], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_exact_export_rank_is_the_numerical_rank(module_tasks):

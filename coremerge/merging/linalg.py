@@ -33,15 +33,40 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor,
     return q_l @ p, s, zh @ q_r.T
 
 
-def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Closest matrix with orthonormal columns: `P @ Q^T` from `P diag Q^T = svd(matrix)`.
 
     Only the numerically non-null singular directions are kept: for a rank-deficient matrix the
     null ones are arbitrary (LAPACK's choice), and this keeps the result deterministic.
+
+    Returns:
+        The factor, and whether `matrix` has full column rank (only then are its columns orthonormal).
     """
     p, s, qh = svd(matrix)
     k = numerical_rank(s, tuple(matrix.shape))
-    return p[:, :k] @ qh[:k]
+    return p[:, :k] @ qh[:k], k == matrix.shape[1]
+
+
+@dataclass(frozen=True)
+class SingularTriplets:
+    """A matrix `U diag(S) Vh` whose U has orthonormal columns and Vh orthonormal rows: its SVD, up to the
+    order of S. A method that builds its result this way (TSV) spares the export an SVD of it."""
+
+    u: torch.Tensor  # (p, K)
+    s: torch.Tensor  # (K,), non-negative
+    vh: torch.Tensor  # (K, q)
+
+    def dense(self) -> torch.Tensor:
+        return (self.u * self.s) @ self.vh
+
+    def scaled(self, factor: float) -> "SingularTriplets":
+        """`factor * self`, with S kept non-negative (a negative factor flips U)."""
+        return SingularTriplets(self.u * (-1.0 if factor < 0 else 1.0), self.s * abs(factor), self.vh)
+
+    def descending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, Vh) ordered by decreasing singular value, as `svd` gives them."""
+        order = torch.argsort(self.s, descending=True)
+        return self.u[:, order], self.s[order], self.vh[order]
 
 
 def gram(stack: torch.Tensor) -> torch.Tensor:

@@ -7,15 +7,17 @@ may also declare `factors`: per task `(L_t, R_t)` with `X_t = L_t @ R_t^T` when 
 (core space), else None; it must give the same result either way, only faster with them.
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..errors import CoreMergeError
-from .linalg import factored_svd, isotropic_flatten, low_rank_approximation, numerical_rank, polar_factor, svd
+from .linalg import (SingularTriplets, factored_svd, isotropic_flatten, low_rank_approximation, numerical_rank,
+                     polar_factor, svd)
 
 Matrices = Sequence[torch.Tensor]
 Factors = Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]]
@@ -73,11 +75,15 @@ def truncated_triplets(matrix: torch.Tensor, limit: int,
     return u[:, :k], s[:k], vh[:k]
 
 
-def orthogonalized_sum(us: Matrices, ss: Matrices, vhs: Matrices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate triplets and replace U and V by their polar factors: (U_perp, S, Vh_perp)."""
-    u = polar_factor(torch.cat(list(us), dim=1))  # (m, K)
-    v = polar_factor(torch.cat(list(vhs), dim=0).T)  # (n, K)
-    return u, torch.cat(list(ss)), v.T
+def orthogonalized_sum(us: Matrices, ss: Matrices, vhs: Matrices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Concatenate triplets and replace U and V by their polar factors: (U_perp, S, Vh_perp, orthonormal).
+
+    `orthonormal`: both concatenations had full rank, so U_perp and Vh_perp are orthonormal (and the triplets
+    are an SVD of the result, up to order); otherwise their null directions were dropped.
+    """
+    u, u_full_rank = polar_factor(torch.cat(list(us), dim=1))  # (m, K)
+    v, v_full_rank = polar_factor(torch.cat(list(vhs), dim=0).T)  # (n, K)
+    return u, torch.cat(list(ss)), v.T, u_full_rank and v_full_rank
 
 
 # ---------------------------------------------------------------- methods
@@ -152,6 +158,15 @@ def tsv(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> torch
     Returns:
         `U_perp diag(S) V_perp^T` of the concatenated truncated triplets.
     """
+    merged = tsv_triplets(items, ranks, factors)
+    if isinstance(merged, SingularTriplets):
+        return merged.dense()
+    return merged
+
+
+def tsv_triplets(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> Union[SingularTriplets, torch.Tensor]:
+    """TSV-Merge as `SingularTriplets` (U_perp, S, V_perp^T) when the polar factors are orthonormal, else
+    (a rank-deficient concatenation, or no triplet at all) as the matrix `tsv` returns."""
     d = min(items[0].shape)
     total_rank = sum(ranks)
     # Per task: keep the top k_t = min(numerical rank, floor(D * r_t / R)) triplets
@@ -161,8 +176,8 @@ def tsv(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> torch
     if sum(s.numel() for s in ss) == 0:
         return torch.zeros_like(items[0])
     # Concatenate and decorrelate with the polar factors
-    u, s, vh = orthogonalized_sum(us, ss, vhs)
-    return u @ torch.diag(s) @ vh
+    u, s, vh, orthonormal = orthogonalized_sum(us, ss, vhs)
+    return SingularTriplets(u, s, vh) if orthonormal else (u * s) @ vh
 
 
 def iso_c(items: Matrices) -> torch.Tensor:
@@ -201,7 +216,7 @@ def iso_cts(items: Matrices, common_fraction: float) -> torch.Tensor:
         residual = x - u_common @ (u_common.T @ x)
         u_t, s_t, vh_t = truncated_triplets(residual, per_task)
         us.append(u_t), ss.append(s_t), vhs.append(vh_t)
-    u_perp, s_all, vh_perp = orthogonalized_sum(us, ss, vhs)
+    u_perp, s_all, vh_perp, _ = orthogonalized_sum(us, ss, vhs)
     # Isotropic spectrum: every kept singular value becomes their mean
     return s_all.mean() * (u_perp @ vh_perp)
 
@@ -263,17 +278,27 @@ class Method:
     function: Callable[..., torch.Tensor]
     parameters: tuple[Parameter, ...] = ()
     changes_single: bool = False  # whether one task alone comes out changed (trimmed, dropped or flattened)
+    # the same merge returning `SingularTriplets` when its result is built as an SVD (else the matrix)
+    triplets: Optional[Callable[..., Union[SingularTriplets, torch.Tensor]]] = None
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.parameters}
 
     def wants(self, keyword: str) -> bool:
-        return keyword in inspect.signature(self.function).parameters
+        return keyword in keywords_of(self.function)
 
     def __call__(self, items: Matrices, params: dict, ranks: Sequence[int], generator: torch.Generator,
-                 factors: Factors = None) -> torch.Tensor:
+                 factors: Factors = None, as_triplets: bool = False) -> Union[SingularTriplets, torch.Tensor]:
+        """The merged matrix; with `as_triplets`, its `SingularTriplets` if the method has them."""
         available = {**params, "ranks": ranks, "generator": generator, "factors": factors}
-        return self.function(items, **{k: v for k, v in available.items() if self.wants(k)})
+        function = self.triplets if as_triplets and self.triplets is not None else self.function
+        return function(items, **{k: v for k, v in available.items() if k in keywords_of(function)})
+
+
+@functools.cache
+def keywords_of(function: Callable) -> frozenset[str]:
+    """The parameter names of a method's function (looked up once: a merge asks for every module)."""
+    return frozenset(inspect.signature(function).parameters)
 
 
 def _density(default: float, meaning: str) -> Parameter:
@@ -302,7 +327,7 @@ register(Method("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099",
                 "DARE's random drop, then TIES's sign election and disjoint mean.", dare_ties,
                 (_density(0.9, "probability of keeping each entry"), SEED), changes_single=True))
 register(Method("tsv", "TSV-Merge", "https://arxiv.org/abs/2412.00081",
-                "Each task's top singular directions, decorrelated (polar factors).", tsv))
+                "Each task's top singular directions, decorrelated (polar factors).", tsv, triplets=tsv_triplets))
 register(Method("iso_c", "Iso-C", "https://arxiv.org/abs/2502.04959",
                 "Task sum with a flat (isotropic) spectrum.", iso_c, changes_single=True))
 register(Method("iso_cts", "Iso-CTS", "https://arxiv.org/abs/2502.04959",

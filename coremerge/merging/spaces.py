@@ -5,13 +5,13 @@ bases U and V, so that the export needs only a small SVD.
 """
 
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..errors import CoreMergeError
 from ..formats.adapter import TaskFactors, TaskStacks
-from .linalg import EPS64, Basis, isotropic_flatten, left_singular_basis, numerical_rank, svd
+from .linalg import EPS64, Basis, SingularTriplets, isotropic_flatten, left_singular_basis, numerical_rank, svd
 from .methods import get_method
 from .options import MergeOptions
 
@@ -26,6 +26,7 @@ class FactoredUpdate:
     left: Optional[Basis] = None  # U: (m, K), orthonormal columns
     right: Optional[Basis] = None  # V: (n, J), orthonormal columns
     noise_floor: float = 0.0  # singular values below it are rounding error of the inputs
+    core_svd: Optional[SingularTriplets] = None  # the core's SVD, when the method built it as one
 
     def dense(self) -> torch.Tensor:
         """The m x n update (for tests and small modules only)."""
@@ -38,13 +39,18 @@ class FactoredUpdate:
 
 
 def _apply_method(items: Sequence[torch.Tensor], tasks: Sequence[TaskFactors], options: MergeOptions,
-                  generator: torch.Generator, factors: Optional[Sequence[tuple]] = None) -> torch.Tensor:
-    """`alpha * method({w_t * X_t})`; `factors` (L_t, R_t) with X_t = L_t R_t^T, if known, speed some methods up."""
+                  generator: torch.Generator, factors: Optional[Sequence[tuple]] = None,
+                  as_triplets: bool = False) -> Union[SingularTriplets, torch.Tensor]:
+    """`alpha * method({w_t * X_t})`; `factors` (L_t, R_t) with X_t = L_t R_t^T, if known, speed some methods up.
+
+    With `as_triplets`, methods that build their result as an SVD return it as `SingularTriplets`.
+    """
     weighted = [task.weight * item for task, item in zip(tasks, items)]
     if factors is not None:
         factors = [(task.weight * left, right) for task, (left, right) in zip(tasks, factors)]
     method = get_method(options.method)
-    return options.alpha * method(weighted, dict(options.params), [t.rank for t in tasks], generator, factors)
+    merged = method(weighted, dict(options.params), [t.rank for t in tasks], generator, factors, as_triplets)
+    return merged.scaled(options.alpha) if isinstance(merged, SingularTriplets) else options.alpha * merged
 
 
 def _maybe_isotropize(update: torch.Tensor, options: MergeOptions) -> torch.Tensor:
@@ -72,8 +78,10 @@ def core_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, genera
     bounds = torch.tensor([0] + [t.rank for t in tasks]).cumsum(0).tolist()
     factors = [(b_coords[:, lo:hi], a_coords[:, lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
     cores = [left @ right.T for left, right in factors]  # (R_B, R_A)
-    merged = _maybe_isotropize(_apply_method(cores, tasks, options, generator, factors), options)
-    return FactoredUpdate(merged, left=u_ref, right=v_ref)
+    merged = _apply_method(cores, tasks, options, generator, factors, as_triplets=not options.isotropize)
+    if isinstance(merged, SingularTriplets):  # already an SVD: the export needs none
+        return FactoredUpdate(merged.dense(), left=u_ref, right=v_ref, core_svd=merged)
+    return FactoredUpdate(_maybe_isotropize(merged, options), left=u_ref, right=v_ref)
 
 
 def full_space_merge(tasks: Sequence[TaskFactors], options: MergeOptions, generator: torch.Generator,
@@ -163,7 +171,7 @@ def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None,
     Returns:
         lora_B (m, k) and lora_A (k, n) in `dtype`; k may be 0 for a zero update.
     """
-    p, s, qh = svd(update.core)
+    p, s, qh = update.core_svd.descending() if update.core_svd is not None else svd(update.core)
     k = min(numerical_rank(s, tuple(update.core.shape)), int((s > update.noise_floor).sum()))
     if max_rank is not None:
         k = min(k, max_rank)
