@@ -10,10 +10,12 @@ EPS64 = torch.finfo(torch.float64).eps
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...]) -> int:
     """Count singular values above `S_max * max(shape) * eps(float64)` (SPEC section 4)."""
-    if singular_values.numel() == 0:
+    # counted in Python: a few dozen numbers, where each tensor op would cost more than the count
+    values = singular_values.tolist()
+    if not values:
         return 0
-    threshold = singular_values.max() * max(shape) * EPS64
-    return int((singular_values > threshold).sum())
+    threshold = max(values) * max(shape) * EPS64
+    return sum(value > threshold for value in values)
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,13 +83,13 @@ def gram(stack: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array.T @ array)
 
 
-def squared_norms(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+def squared_norms(matrix: torch.Tensor, dim: int) -> numpy.ndarray:
     """Sum of squares along `dim` of a float64 CPU matrix: the squared norms of its columns (dim 0) or rows (1).
 
     numpy's einsum does it in one pass over the matrix; torch's column norms of a row-major matrix take 7x longer.
     """
     array = matrix.numpy()
-    return torch.from_numpy(numpy.einsum("ij,ij->j" if dim == 0 else "ij,ij->i", array, array))
+    return numpy.einsum("ij,ij->j" if dim == 0 else "ij,ij->i", array, array)
 
 
 GRAM_MAX_CONDITION = 1e4  # beyond it the Gram route loses accuracy (error ~ condition^2 * eps)

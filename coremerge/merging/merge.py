@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -105,11 +106,14 @@ def read_stacked(adapters: Sequence[Adapter], readers: Sequence[TensorReader], u
     a_stack = torch.cat([a for a, _, _ in stored]).to(torch.float64)  # (R, n)
     scalings = torch.cat([torch.full((b.shape[1],), scaling, dtype=torch.float64) for _, b, scaling in stored])
     b_stack = torch.cat([b for _, b, _ in stored], dim=1).to(torch.float64).mul_(scalings)  # (m, R)
-    a_squares, b_squares = squared_norms(a_stack, dim=1), squared_norms(b_stack, dim=0)  # (R,) each
+    # per task ||B~_t||_F^2 and ||A~_t||_F^2: sums of the stacks' squared column / row norms over its rank block
+    starts = numpy.cumsum([0] + [a.shape[0] for a, _, _ in stored[:-1]])
+    a_squares = numpy.add.reduceat(squared_norms(a_stack, dim=1), starts)
+    b_squares = numpy.add.reduceat(squared_norms(b_stack, dim=0), starts)
     tasks, start = [], 0
-    for i, (a, _, _) in zip(users, stored):
+    for i, (a, _, _), a_square, b_square in zip(users, stored, a_squares, b_squares):
         stop = start + a.shape[0]
-        bound = float(b_squares[start:stop].sum().sqrt() * a_squares[start:stop].sum().sqrt())
+        bound = math.sqrt(b_square) * math.sqrt(a_square)
         adapters[i].check_finite(readers[i], name, bound)
         tasks.append(TaskFactors(a=a_stack[start:stop], b=b_stack[:, start:stop], weight=weights[i],
                                  source=adapters[i].source, known_bound=bound))

@@ -45,9 +45,9 @@ def _apply_method(items: Sequence[torch.Tensor], tasks: Sequence[TaskFactors], o
 
     With `as_triplets`, methods that build their result as an SVD return it as `SingularTriplets`.
     """
-    weighted = [task.weight * item for task, item in zip(tasks, items)]
+    weighted = [item if task.weight == 1 else task.weight * item for task, item in zip(tasks, items)]
     if factors is not None:
-        factors = [(task.weight * left, right) for task, (left, right) in zip(tasks, factors)]
+        factors = [(left if task.weight == 1 else task.weight * left, right) for task, (left, right) in zip(tasks, factors)]
     method = get_method(options.method)
     merged = method(weighted, dict(options.params), [t.rank for t in tasks], generator, factors, as_triplets)
     return merged.scaled(options.alpha) if isinstance(merged, SingularTriplets) else options.alpha * merged
