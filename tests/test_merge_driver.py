@@ -55,3 +55,38 @@ def test_stacked_reading_gives_each_adapters_factors_in_one_stack(adapters):
         with_stacks = merge.merge_module(tasks, options, merge.module_generator(0, name), stacks)
         concatenated = merge.merge_module(alone, options, merge.module_generator(0, name))
         torch.testing.assert_close(with_stacks.dense(), concatenated.dense(), rtol=1e-12, atol=0)
+
+
+def test_a_failing_module_stops_the_merge_with_its_own_error_while_other_workers_read(tmp_path):
+    """Workers read the files side by side: when one module fails, the others still reading finish before the
+    chunk's files close (closing a file mid-read raised safetensors' "Already borrowed" instead of the error)."""
+    from safetensors.torch import save_file
+
+    from coremerge.errors import AdapterFormatError
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(40):
+        for part, shape in (("A", (4, 64)), ("B", (64, 4))):
+            tensors[f"base_model.model.layers.{layer}.proj.lora_{part}.weight"] = torch.randn(*shape, generator=g)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    save_file(tensors, clean / "adapter_model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors["base_model.model.layers.25.proj.lora_B.weight"][3, 1] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    config = '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]}'
+    for folder in (clean, broken):
+        (folder / "adapter_config.json").write_text(config)
+    loaded = load_adapters([str(clean), str(broken)])
+    for _ in range(20):
+        merged = []
+        try:
+            for module in merge_adapters(loaded, MergeOptions.create(method="tsv"), workers=2):
+                merged.append(module.name)
+        except AdapterFormatError as error:
+            assert str(error) == f"{broken}: tensor base_model.model.layers.25.proj.lora_B.weight contains NaN or Inf values"
+        else:
+            raise AssertionError("the NaN was not found")
+        assert "layers.25.proj" not in " ".join(merged) and len(merged) < 40

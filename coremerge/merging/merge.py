@@ -4,7 +4,7 @@ import math
 import time
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
@@ -25,7 +25,8 @@ WORKERS = 2  # modules merged at once (torch releases the GIL)
 
 @dataclass
 class Timings:
-    """Seconds spent per stage (wall time)."""
+    """Seconds spent per stage (wall time; reading, which the merge workers do side by side, counts as its
+    total divided by the number of workers)."""
 
     loading: float = 0.0
     merging: float = 0.0
@@ -133,8 +134,10 @@ def merge_adapters(
 ) -> Iterator[MergedModule]:
     """Merge module by module; a module counts only the adapters that target it (SPEC 1).
 
-    The main thread reads each module's factors while `workers` threads merge the previous ones
-    (torch releases the GIL, and the many small SVDs use one core each). `factor_dtype` is the
+    `workers` threads each read a module's factors and merge it (torch releases the GIL, and the many
+    small SVDs use one core each); the calling thread only collects the results in order. Reading in the
+    workers, not in a thread of its own, keeps to one Python thread per core: with a third thread, sets of
+    many small modules (SDXL's thousand) spent their time handing the interpreter lock around. `factor_dtype` is the
     precision of the final products that give the written factors. `device` is where the spaces and
     methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in float64, and
     the written factors come back to the CPU. `export`, when given, runs on each merged module in its
@@ -165,22 +168,33 @@ def merge_adapters(
 
     workers = max(1, min(workers, len(names)))
 
+    reading_seconds: list[float] = []  # per module, appended by the workers
+
+    def read_and_merge(readers: Sequence[TensorReader], name: str) -> MergedModule:
+        clock = time.perf_counter()
+        users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
+        tasks, stacks = read_stacked(adapters, readers, users, name, weights)
+        reading_seconds.append(time.perf_counter() - clock)
+        return merge_one(name, users, tasks, stacks)
+
     def in_order() -> Iterator[MergedModule]:
         pending: deque = deque()
         with torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
             for chunk in read_chunks(adapters, names):
-                with ExitStack() as stack:
+                with ExitStack() as stack:  # the chunk's files stay open until its modules are merged
                     readers = [stack.enter_context(adapter.open()) for adapter in adapters]
-                    for name in chunk:
-                        clock = time.perf_counter()
-                        users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
-                        tasks, stacks = read_stacked(adapters, readers, users, name, weights)
-                        timings.loading += time.perf_counter() - clock
-                        pending.append(pool.submit(merge_one, name, users, tasks, stacks))
-                        if len(pending) > workers:
+                    try:
+                        for name in chunk:
+                            pending.append(pool.submit(read_and_merge, readers, name))
+                            if len(pending) > workers:
+                                yield pending.popleft().result()
+                        while pending:
                             yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+                    finally:  # on a failure, no worker may still be reading when the files close
+                        for future in pending:
+                            future.cancel()
+                        wait(pending)
+        timings.loading += sum(reading_seconds) / workers  # the workers read side by side
 
     for done, module in enumerate(in_order(), start=1):
         clock = time.perf_counter()
