@@ -4,6 +4,8 @@ Every figure is printed with the 1-minute load average at the time it was taken:
 the wall time means little without it, so the CPU time of the process is printed too.
 """
 
+import compileall
+import functools
 import json
 import os
 import shutil
@@ -74,8 +76,17 @@ def load() -> str:
     return "load " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+@functools.cache
+def compile_bytecode(repo: Path) -> None:
+    """Compile coremerge's modules once, as installing a package does. A checkout's Python writes them on first
+    import anyway, unless PYTHONDONTWRITEBYTECODE is set (as on the machine these figures come from): then every
+    run would compile each module again, a cost no installed coremerge has."""
+    compileall.compile_dir(repo / "coremerge", quiet=1)
+
+
 def run_measured(command: Sequence[str], cwd: Path) -> dict:
     """Run `command` once under the launcher: seconds, cpu_seconds, peak RSS (GB), its output and the load."""
+    compile_bytecode(cwd)
     loadavg = load()
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0 or not done.stdout.strip():
