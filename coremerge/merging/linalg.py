@@ -1,5 +1,6 @@
 """Small float64 linear-algebra helpers shared by the spaces and the methods."""
 
+import math
 from dataclasses import dataclass
 
 import numpy
@@ -18,9 +19,14 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...]) -> int
     return sum(value > threshold for value in values)
 
 
+def float64(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float64; itself if it already is (a merge runs thousands of these small calls: no op for nothing)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.to(torch.float64)
+
+
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD in float64: `matrix = U @ diag(S) @ Vh`."""
-    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    return torch.linalg.svd(float64(matrix), full_matrices=False)
 
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,8 +35,8 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor,
     With `left = Q_l R_l` and `right = Q_r R_r` (reduced QR), `left @ right^T = Q_l (R_l R_r^T) Q_r^T`,
     so the SVD `R_l R_r^T = P diag(S) Z^T` gives `U = Q_l P` and `Vh = Z^T Q_r^T`.
     """
-    q_l, r_l = torch.linalg.qr(left.to(torch.float64))
-    q_r, r_r = torch.linalg.qr(right.to(torch.float64))
+    q_l, r_l = torch.linalg.qr(float64(left))
+    q_r, r_r = torch.linalg.qr(float64(right))
     p, s, zh = svd(r_l @ r_r.T)
     return q_l @ p, s, zh @ q_r.T
 
@@ -126,12 +132,13 @@ def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
         basis: U, (m, min(m, R)), ordered by decreasing singular value.
         coordinates: (min(m, R), R).
     """
-    stack = stack.to(torch.float64)
+    stack = float64(stack)
     m, r = stack.shape
     if r <= m:
         eigenvalues, w = torch.linalg.eigh(gram(stack))  # ascending
-        s, w = eigenvalues.flip(0).clamp(min=0).sqrt(), w.flip(1)
-        if s[-1] * GRAM_MAX_CONDITION > s[0]:
+        smallest, largest = (math.sqrt(max(value, 0.0)) for value in eigenvalues[[0, -1]].tolist())
+        if smallest * GRAM_MAX_CONDITION > largest:
+            s, w = eigenvalues.flip(0).clamp(min=0).sqrt(), w.flip(1)
             return Basis(stack, w / s), s[:, None] * w.T
     q, rf = torch.linalg.qr(stack)  # (m, K), (K, R)
     p, _, _ = torch.linalg.svd(rf, full_matrices=False)  # (K, K)

@@ -105,7 +105,7 @@ def read_stacked(adapters: Sequence[Adapter], readers: Sequence[TensorReader], u
     """
     stored = [adapters[i].read_stored(readers[i], name) for i in users]
     a_stack = torch.cat([a for a, _, _ in stored]).to(torch.float64)  # (R, n)
-    scalings = torch.cat([torch.full((b.shape[1],), scaling, dtype=torch.float64) for _, b, scaling in stored])
+    scalings = torch.tensor([scaling for _, b, scaling in stored for _ in range(b.shape[1])], dtype=torch.float64)
     b_stack = torch.cat([b for _, b, _ in stored], dim=1).to(torch.float64).mul_(scalings)  # (m, R)
     # per task ||B~_t||_F^2 and ||A~_t||_F^2: sums of the stacks' squared column / row norms over its rank block
     starts = numpy.cumsum([0] + [a.shape[0] for a, _, _ in stored[:-1]])
