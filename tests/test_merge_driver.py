@@ -86,7 +86,8 @@ def test_a_failing_module_stops_the_merge_with_its_own_error_while_other_workers
             for module in merge_adapters(loaded, MergeOptions.create(method="tsv"), workers=2):
                 merged.append(module.name)
         except AdapterFormatError as error:
-            assert str(error) == f"{broken}: tensor base_model.model.layers.25.proj.lora_B.weight contains NaN or Inf values"
+            key = "base_model.model.layers.25.proj.lora_B.weight"
+            assert str(error) == f"{broken}: tensor {key} contains NaN or Inf values"
         else:
             raise AssertionError("the NaN was not found")
         assert "layers.25.proj" not in " ".join(merged) and len(merged) < 40

@@ -107,8 +107,8 @@ def test_tsv_triplets_are_an_svd_of_the_same_merge():
     of the same matrix, which the export then uses instead of a new SVD."""
     g = torch.Generator().manual_seed(2)
     ranks = [2, 5, 3]
-    factors = [(torch.randn(30, r, generator=g, dtype=torch.float64), torch.randn(20, r, generator=g, dtype=torch.float64))
-               for r in ranks]
+    factors = [(torch.randn(30, r, generator=g, dtype=torch.float64),
+                torch.randn(20, r, generator=g, dtype=torch.float64)) for r in ranks]
     items = [left @ right.T for left, right in factors]
     triplets = tsv_triplets(items, ranks, factors)
     assert isinstance(triplets, SingularTriplets)

@@ -137,11 +137,12 @@ def merge_adapters(
     `workers` threads each read a module's factors and merge it (torch releases the GIL, and the many
     small SVDs use one core each); the calling thread only collects the results in order. Reading in the
     workers, not in a thread of its own, keeps to one Python thread per core: with a third thread, sets of
-    many small modules (SDXL's thousand) spent their time handing the interpreter lock around. `factor_dtype` is the
-    precision of the final products that give the written factors. `device` is where the spaces and
-    methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in float64, and
-    the written factors come back to the CPU. `export`, when given, runs on each merged module in its
-    worker thread, so that the cast to the output dtype and its checks overlap the other modules'
+    many small modules (SDXL's thousand) spent their time handing the interpreter lock around.
+
+    `factor_dtype` is the precision of the final products that give the written factors. `device` is where
+    the spaces and methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in
+    float64, and the written factors come back to the CPU. `export`, when given, runs on each merged module
+    in its worker thread, so that the cast to the output dtype and its checks overlap the other modules'
     merging instead of waiting for the main thread; its result is the module's `exported`.
 
     Yields:

@@ -75,7 +75,8 @@ def truncated_triplets(matrix: torch.Tensor, limit: int,
     return u[:, :k], s[:k], vh[:k]
 
 
-def orthogonalized_sum(us: Matrices, ss: Matrices, vhs: Matrices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def orthogonalized_sum(us: Matrices, ss: Matrices,
+                       vhs: Matrices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Concatenate triplets and replace U and V by their polar factors: (U_perp, S, Vh_perp, orthonormal).
 
     `orthonormal`: both concatenations had full rank, so U_perp and Vh_perp are orthonormal (and the triplets
@@ -164,7 +165,8 @@ def tsv(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> torch
     return merged
 
 
-def tsv_triplets(items: Matrices, ranks: Sequence[int], factors: Factors = None) -> Union[SingularTriplets, torch.Tensor]:
+def tsv_triplets(items: Matrices, ranks: Sequence[int],
+                 factors: Factors = None) -> Union[SingularTriplets, torch.Tensor]:
     """TSV-Merge as `SingularTriplets` (U_perp, S, V_perp^T) when the polar factors are orthonormal, else
     (a rank-deficient concatenation, or no triplet at all) as the matrix `tsv` returns."""
     d = min(items[0].shape)

@@ -47,7 +47,8 @@ def _apply_method(items: Sequence[torch.Tensor], tasks: Sequence[TaskFactors], o
     """
     weighted = [item if task.weight == 1 else task.weight * item for task, item in zip(tasks, items)]
     if factors is not None:
-        factors = [(left if task.weight == 1 else task.weight * left, right) for task, (left, right) in zip(tasks, factors)]
+        factors = [(left if task.weight == 1 else task.weight * left, right)
+                   for task, (left, right) in zip(tasks, factors)]
     method = get_method(options.method)
     merged = method(weighted, dict(options.params), [t.rank for t in tasks], generator, factors, as_triplets)
     return merged.scaled(options.alpha) if isinstance(merged, SingularTriplets) else options.alpha * merged
