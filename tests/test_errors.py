@@ -1,6 +1,7 @@
 """Every bad input: one line on stderr naming the input and the problem, exit code 2, nothing written."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,22 @@ def test_real_process_exit_code_and_single_line(tmp_path, adapters):
     assert result.stderr.strip().splitlines() == [
         "coremerge: error: --weights: got 2 weight(s) for 1 source(s); give one per source"]
     assert not (tmp_path / "out").exists()
+
+
+def test_real_process_says_everything_before_it_leaves(tmp_path, adapters):
+    """The program leaves with os._exit once the output is written: its summary (stdout), its warnings (stderr)
+    and --help must all be flushed first, and the exit codes kept."""
+    out = tmp_path / "out"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output waits in a buffer
+    result = subprocess.run([sys.executable, "-m", "coremerge", "merge", str(adapters["plain"]), "--method", "ties",
+                             "--output", str(out)], capture_output=True, text=True, env=buffered)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith("merged 1 adapter(s) with ties in core space into ")
+    assert summary[0].endswith(")") and "writing " in summary[0]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"coremerge: warning: {adapters['plain']} is merged alone")
+    assert (out / "adapter_model.safetensors").is_file()
+    shown_help = subprocess.run([sys.executable, "-m", "coremerge", "merge", "--help"], capture_output=True, text=True,
+                                env=buffered)
+    assert shown_help.returncode == 0 and shown_help.stdout.startswith("usage: coremerge merge")
+    assert "methods (--method):" in shown_help.stdout
