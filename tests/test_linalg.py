@@ -77,6 +77,20 @@ def test_factored_svd_is_the_svd_of_the_product(shapes):
     torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64))
 
 
+def test_numerical_rank_counts_values_above_s_max_times_max_shape_times_eps():
+    eps = torch.finfo(torch.float64).eps
+    values = torch.tensor([2.0, 2.0 * 100 * eps * 1.01, 2.0 * 100 * eps, 1e-20], dtype=torch.float64)
+    assert numerical_rank(values, (100, 10)) == 2  # the value at the threshold is not above it
+    assert numerical_rank(values, (10, 10)) == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_numerical_rank_of_a_non_finite_spectrum_is_zero(bad):
+    """As a tensor comparison gives: nothing is above a NaN or infinite threshold, wherever the value sits."""
+    for values in ([bad, 1.0, 0.5], [1.0, bad, 0.5], [1.0, 0.5, bad]):
+        assert numerical_rank(torch.tensor(values, dtype=torch.float64), (3, 3)) == 0
+
+
 def test_numerical_rank_of_an_empty_spectrum_is_zero():
     """A module whose every task has rank 0 after truncation has no spectrum at all (a surviving mutant said 1)."""
     assert numerical_rank(torch.empty(0, dtype=torch.float64), (3, 4)) == 0

@@ -81,3 +81,35 @@ def test_module_union_across_adapters(adapters):
     names = module_names(loaded)
     assert "model.layers.0.mlp.up_proj" in names and "model.embed_tokens" in names
     assert len(names) == len(set().union(*(a.modules for a in loaded)))
+
+
+def test_a_files_tensor_index_is_read_once_per_load_and_again_for_the_next(adapters, monkeypatch, tmp_path):
+    """The format checks share one reading of the file's index; a later load reads the file again, so a file
+    rewritten in between (same size, the first load's objects still alive) is seen as it is now."""
+    from safetensors.torch import save_file
+
+    from coremerge.formats import peft_format
+    from coremerge.formats.sources import resolve_source
+
+    reads = []
+    read = peft_format._read_tensor_index
+    monkeypatch.setattr(peft_format, "_read_tensor_index", lambda resolved: reads.append(resolved) or read(resolved))
+    load_adapter(str(adapters["plain"]))
+    assert len(reads) == 1  # three format checks asked for it
+    load_adapter(str(adapters["plain"]))
+    assert len(reads) == 2
+
+    folder = tmp_path / "rewritten"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, '
+                                                '"target_modules": ["proj"]}')
+    key = "base_model.model.proj.lora_{}.weight"
+    weights = folder / "adapter_model.safetensors"
+    save_file({key.format("A"): torch.ones(4, 64), key.format("B"): torch.ones(64, 4)}, weights)
+    first = resolve_source(str(folder))
+    assert peft_format.tensor_index(first)[0][key.format("A")] == (4, 64)
+    size = weights.stat().st_size
+    save_file({key.format("A"): torch.ones(4, 32), key.format("B"): torch.ones(96, 4)}, weights)
+    assert weights.stat().st_size == size
+    assert load_adapter(str(folder)).modules["proj"].shape == (96, 32)  # not the index `first` read, still alive
+    assert peft_format.tensor_index(first)[0][key.format("A")] == (4, 64)  # that object keeps what it read

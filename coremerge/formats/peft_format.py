@@ -1,9 +1,9 @@
 """Read peft LoRA adapters (and MoSLoRA's `lora_AB` mixer) into the canonical `Adapter` form."""
 
-import functools
 import json
 import math
 import re
+import weakref
 from collections import defaultdict
 from typing import Optional
 
@@ -63,23 +63,22 @@ def load_peft_adapter(resolved: ResolvedSource) -> Adapter:
 def tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:
     """Every tensor's shape, and the LoRA tensors' dtype, without reading the data.
 
-    Several format checks ask for the same file's index: it is read once per file version (path, size and
-    modification time), a tenth of a second for an SDXL file of three thousand tensors.
+    Several format checks ask for the same file's index while one source is loaded: it is read once per
+    `ResolvedSource` object (each resolution of a source makes a new one, which reads the file again), and kept
+    while that object lives: a tenth of a second for an SDXL file of three thousand tensors.
 
     Raises:
         AdapterFormatError: an unreadable file, or a LoRA factor that is not a float tensor (naming its key).
     """
-    try:
-        stat = resolved.weights_path.stat()
-    except OSError:
-        return _read_tensor_index(resolved)  # reading it names the problem
-    shapes, dtype = _cached_tensor_index(resolved, stat.st_size, stat.st_mtime_ns)
+    key = id(resolved)
+    if key not in _INDEXES:
+        _INDEXES[key] = _read_tensor_index(resolved)
+        weakref.finalize(resolved, _INDEXES.pop, key, None)  # before the id can be reused
+    shapes, dtype = _INDEXES[key]
     return dict(shapes), dtype
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_tensor_index(resolved: ResolvedSource, size: int, modified_ns: int) -> tuple[dict, torch.dtype]:
-    return _read_tensor_index(resolved)
+_INDEXES: dict[int, tuple[dict, torch.dtype]] = {}  # id of a live ResolvedSource -> its file's index
 
 
 def _read_tensor_index(resolved: ResolvedSource) -> tuple[dict[str, tuple[int, ...]], torch.dtype]:

@@ -13,7 +13,7 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...]) -> int
     """Count singular values above `S_max * max(shape) * eps(float64)` (SPEC section 4)."""
     # counted in Python: a few dozen numbers, where each tensor op would cost more than the count
     values = singular_values.tolist()
-    if not values:
+    if not values or any(math.isnan(value) for value in values):  # NaN: no value is above the threshold
         return 0
     threshold = max(values) * max(shape) * EPS64
     return sum(value > threshold for value in values)
