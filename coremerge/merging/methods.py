@@ -4,7 +4,9 @@ Every method takes same-shaped float64 matrices X_1..X_T (already multiplied by 
 and returns one matrix of that shape (SPEC section 4). A method that needs the adapters' ranks or
 randomness declares a `ranks` or `generator` keyword; the caller passes them only then. A method
 may also declare `factors`: per task `(L_t, R_t)` with `X_t = L_t @ R_t^T` when the space knows them
-(core space), else None; it must give the same result either way, only faster with them.
+(core space), else None; it must give the same result either way, only faster with them. A method whose
+result is built as an SVD may register a `triplets` variant that returns it as `SingularTriplets`, which
+spares the export an SVD (TSV).
 """
 
 import functools

@@ -162,7 +162,8 @@ def to_lora(update: FactoredUpdate, max_rank: Optional[int] = None,
             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Factor a merged update as a scaling-1 LoRA (SPEC 2, step 6).
 
-    With `core = P S Q^T`: `lora_B = U @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ V^T`, k = the
+    With `core = P S Q^T` (the SVD the method built, `core_svd`, else one taken here):
+    `lora_B = U @ P_k @ diag(S_k)`, `lora_A = Q_k^T @ V^T`, k = the
     numerical rank of `core` (ignoring values under the inputs' noise floor), or `max_rank` if that
     is smaller (truncation).
 
