@@ -288,9 +288,6 @@ class Method:
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.parameters}
 
-    def wants(self, keyword: str) -> bool:
-        return keyword in keywords_of(self.function)
-
     def __call__(self, items: Matrices, params: dict, ranks: Sequence[int], generator: torch.Generator,
                  factors: Factors = None, as_triplets: bool = False) -> Union[SingularTriplets, torch.Tensor]:
         """The merged matrix; with `as_triplets`, its `SingularTriplets` if the method has them."""
