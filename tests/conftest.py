@@ -25,10 +25,10 @@ def key_map_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("COREMERGE_CACHE", str(tmp_path_factory.mktemp("key-maps")))
 
 
-def tiny_llama(hidden_size: int = 32, name: str = BASE_NAME) -> LlamaForCausalLM:
+def tiny_llama(hidden_size: int = 32, name: str = BASE_NAME, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config).eval()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from coremerge.merging.linalg import (GRAM_MAX_CONDITION, factored_svd, gram, left_singular_basis, numerical_rank,
-                                     polar_factor)
+from coremerge.merging.linalg import (GRAM_MAX_CONDITION, NotUniform, SingularTriplets, factored_svd, gram,
+                                     left_singular_basis, numerical_rank, numerical_ranks, polar_factor, uniform)
 
 
 def stack_with_condition(condition: float, m: int = 300, r: int = 24) -> torch.Tensor:
@@ -94,3 +94,57 @@ def test_numerical_rank_of_a_non_finite_spectrum_is_zero(bad):
 def test_numerical_rank_of_an_empty_spectrum_is_zero():
     """A module whose every task has rank 0 after truncation has no spectrum at all (a surviving mutant said 1)."""
     assert numerical_rank(torch.empty(0, dtype=torch.float64), (3, 4)) == 0
+
+
+# ---------------------------------------------------------------- batches: each matrix as it would be alone
+
+
+def test_a_batch_of_well_conditioned_stacks_takes_the_gram_route_and_gives_each_stacks_basis():
+    batch = torch.stack([stack_with_condition(10.0), stack_with_condition(1e3), torch.randn(300, 24).double()])
+    basis, coordinates = left_singular_basis(batch)
+    assert basis.factor is batch
+    for g, stack in enumerate(batch):
+        alone, alone_coordinates = left_singular_basis(stack)
+        assert alone.factor is stack  # the same route
+        torch.testing.assert_close(basis.dense()[g], alone.dense(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(coordinates[g], alone_coordinates, atol=1e-12, rtol=0)
+
+
+def test_gram_of_a_batch_and_of_its_transposed_view():
+    batch = torch.randn(3, 40, 7, dtype=torch.float64)
+    torch.testing.assert_close(gram(batch), batch.mT @ batch, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gram(batch.mT.contiguous().mT), batch.mT @ batch, atol=1e-12, rtol=0)
+
+
+def test_polar_factor_of_a_batch_with_full_and_deficient_ranks_is_each_ones():
+    u = torch.linalg.qr(torch.randn(20, 3, dtype=torch.float64))[0]
+    batch = torch.stack([torch.randn(20, 6, dtype=torch.float64), torch.cat([u, -u], dim=1)])  # ranks 6 and 3
+    factor, full_rank = polar_factor(batch)
+    assert not full_rank  # not every matrix
+    for g, matrix in enumerate(batch):
+        torch.testing.assert_close(factor[g], polar_factor(matrix)[0], atol=1e-13, rtol=0)
+    factor, full_rank = polar_factor(batch[:1].expand(2, -1, -1))
+    assert full_rank
+
+
+def test_singular_triplets_of_a_batch_sort_each_matrix_on_its_own():
+    g = torch.Generator().manual_seed(1)
+    u = torch.linalg.qr(torch.randn(2, 8, 4, generator=g, dtype=torch.float64))[0]
+    vh = torch.linalg.qr(torch.randn(2, 6, 4, generator=g, dtype=torch.float64))[0].mT
+    s = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, 0.1, 5.0, 2.0]], dtype=torch.float64)
+    triplets = SingularTriplets(u, s, vh)
+    ordered_u, ordered_s, ordered_vh = triplets.descending()
+    for i in range(2):
+        alone = SingularTriplets(u[i], s[i], vh[i])
+        torch.testing.assert_close(triplets.dense()[i], alone.dense(), atol=1e-14, rtol=0)
+        for batched, single in zip((ordered_u[i], ordered_s[i], ordered_vh[i]), alone.descending()):
+            assert torch.equal(batched, single)
+    assert ordered_s.tolist() == [[3.0, 2.0, 1.0, 0.5], [5.0, 4.0, 2.0, 0.1]]
+
+
+def test_numerical_ranks_of_a_batch_and_their_uniform_value():
+    spectra = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1e-20, 0.0], [float("nan"), 1.0, 1.0]], dtype=torch.float64)
+    assert numerical_ranks(spectra, (3, 3)) == [2, 1, 0]
+    assert uniform([4, 4, 4]) == 4
+    with pytest.raises(NotUniform):
+        uniform([4, 3, 4])

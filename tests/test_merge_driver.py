@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from coremerge import MergeOptions, load_adapters, merge_adapters
+from coremerge.formats.adapter import TaskStacks
 from coremerge.merging import merge
 from coremerge.merging.merge import read_chunks
 
@@ -31,34 +32,37 @@ def test_chunking_and_workers_do_not_change_the_merge(adapters, monkeypatch):
     assert torch.get_num_threads() == threads  # the driver's one-thread setting is undone
 
 
-def test_stacked_reading_gives_each_adapters_factors_in_one_stack(adapters):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stacked_reading_gives_each_adapters_factors_in_one_stack(adapters, batch):
     loaded = load_adapters([str(adapters["plain"]), str(adapters["rslora"]), str(adapters["pattern"])])
-    name = next(name for name in merge.module_names(loaded) if all(name in a.modules for a in loaded))
+    names = [name for name in merge.module_names(loaded) if name.endswith("v_proj")][:batch]  # same shapes, ranks
     users = [0, 1, 2]
     weights = [0.5, -2.0, 3.0]
     with loaded[0].open() as r0, loaded[1].open() as r1, loaded[2].open() as r2:
         readers = [r0, r1, r2]
-        tasks, stacks = merge.read_stacked(loaded, readers, users, name, weights)
-        alone = [loaded[i].read_factors(readers[i], name, weights[i]) for i in users]
-    assert stacks.a.dtype == stacks.b.dtype == torch.float64
-    # the stacks are exactly the concatenated factors, and each task's factors are views of them
-    assert torch.equal(stacks.a, torch.cat([t.a for t in alone]))
-    assert torch.equal(stacks.b, torch.cat([t.b for t in alone], dim=1))
-    for task, single in zip(tasks, alone):
-        assert torch.equal(task.a, single.a) and torch.equal(task.b, single.b) and task.weight == single.weight
-        assert task.a.untyped_storage().data_ptr() == stacks.a.untyped_storage().data_ptr()
-        assert task.b.untyped_storage().data_ptr() == stacks.b.untyped_storage().data_ptr()
-        bound = float(torch.linalg.vector_norm(single.b) * torch.linalg.vector_norm(single.a))
-        assert abs(task.norm_bound - bound) <= 1e-14 * bound  # only the summation order differs
-    # the core and KnOTS merges read the stacks as they would the concatenation
-    for space in ("core", "knots"):
-        options = MergeOptions.create(method="ties", space=space)
-        with_stacks = merge.merge_module(tasks, options, merge.module_generator(0, name), stacks)
-        concatenated = merge.merge_module(alone, options, merge.module_generator(0, name))
-        torch.testing.assert_close(with_stacks.dense(), concatenated.dense(), rtol=1e-12, atol=0)
+        batch_tasks, stacks = merge.read_batch(loaded, readers, users, names, weights)
+        alone = [[loaded[i].read_factors(readers[i], name, weights[i]) for i in users] for name in names]
+    assert stacks.a.dtype == stacks.b.dtype == torch.float64 and len(batch_tasks) == len(names) == batch
+    for g, (name, tasks, single_tasks) in enumerate(zip(names, batch_tasks, alone)):
+        # the stacks are exactly the concatenated factors, and each task's factors are views of them
+        assert torch.equal(stacks.a[g], torch.cat([t.a for t in single_tasks]))
+        assert torch.equal(stacks.b[g], torch.cat([t.b for t in single_tasks], dim=1))
+        for task, single in zip(tasks, single_tasks):
+            assert torch.equal(task.a, single.a) and torch.equal(task.b, single.b) and task.weight == single.weight
+            assert task.a.untyped_storage().data_ptr() == stacks.a.untyped_storage().data_ptr()
+            assert task.b.untyped_storage().data_ptr() == stacks.b.untyped_storage().data_ptr()
+            bound = float(torch.linalg.vector_norm(single.b) * torch.linalg.vector_norm(single.a))
+            assert abs(task.norm_bound - bound) <= 1e-14 * bound  # only the summation order differs
+        # the core and KnOTS merges read the stacks as they would the concatenation
+        module_stacks = TaskStacks(a=stacks.a[g], b=stacks.b[g])
+        for space in ("core", "knots"):
+            options = MergeOptions.create(method="ties", space=space)
+            with_stacks = merge.merge_module(tasks, options, merge.module_generator(0, name), module_stacks)
+            concatenated = merge.merge_module(single_tasks, options, merge.module_generator(0, name))
+            torch.testing.assert_close(with_stacks.dense(), concatenated.dense(), rtol=1e-12, atol=0)
 
 
-def test_a_failing_module_stops_the_merge_with_its_own_error_while_other_workers_read(tmp_path):
+def test_a_failing_module_stops_the_merge_with_its_own_error_while_other_workers_read(tmp_path, monkeypatch):
     """Workers read the files side by side: when one module fails, the others still reading finish before the
     chunk's files close (closing a file mid-read raised safetensors' "Already borrowed" instead of the error)."""
     from safetensors.torch import save_file
@@ -82,6 +86,7 @@ def test_a_failing_module_stops_the_merge_with_its_own_error_while_other_workers
         (folder / "adapter_config.json").write_text(config)
     loaded = load_adapters([str(clean), str(broken)])
     key = "base_model.model.layers.25.proj.lora_B.weight"
+    monkeypatch.setattr(merge, "BATCH_BYTES", 0)  # module by module, so that workers read while another fails
     for _ in range(20):  # the race needs a worker mid-read at the failure: repeat
         merged = []
         with pytest.raises(AdapterFormatError) as caught:

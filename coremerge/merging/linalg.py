@@ -1,4 +1,8 @@
-"""Small float64 linear-algebra helpers shared by the spaces and the methods."""
+"""Small float64 linear-algebra helpers shared by the spaces and the methods.
+
+Each works on one matrix or on a batch of same-shaped matrices (leading dimensions), so that many small modules
+can be merged with one call per step instead of one per module.
+"""
 
 import math
 from dataclasses import dataclass
@@ -9,14 +13,39 @@ import torch
 EPS64 = torch.finfo(torch.float64).eps
 
 
+class NotUniform(Exception):
+    """The matrices of a batch need different shapes from here on (e.g. different numerical ranks): they are to
+    be handled one at a time. Never raised for a single matrix."""
+
+
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...]) -> int:
     """Count singular values above `S_max * max(shape) * eps(float64)` (SPEC section 4)."""
+    return _count_above_threshold(singular_values.tolist(), max(shape))
+
+
+def numerical_ranks(singular_values: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
+    """`numerical_rank` of each spectrum in a (..., K) batch (one per matrix, in order)."""
+    spectra = singular_values.reshape(-1, singular_values.shape[-1]).tolist()
+    return [_count_above_threshold(values, max(shape)) for values in spectra]
+
+
+def _count_above_threshold(values: list[float], size: int) -> int:
     # counted in Python: a few dozen numbers, where each tensor op would cost more than the count
-    values = singular_values.tolist()
     if not values or any(math.isnan(value) for value in values):  # NaN: no value is above the threshold
         return 0
-    threshold = max(values) * max(shape) * EPS64
+    threshold = max(values) * size * EPS64
     return sum(value > threshold for value in values)
+
+
+def uniform(counts: list[int]) -> int:
+    """The one value of per-matrix `counts`.
+
+    Raises:
+        NotUniform: the matrices of the batch have different counts.
+    """
+    if len(set(counts)) > 1:
+        raise NotUniform(f"counts {sorted(set(counts))} differ within the batch")
+    return counts[0]
 
 
 def float64(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,8 +66,8 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor,
     """
     q_l, r_l = torch.linalg.qr(float64(left))
     q_r, r_r = torch.linalg.qr(float64(right))
-    p, s, zh = svd(r_l @ r_r.T)
-    return q_l @ p, s, zh @ q_r.T
+    p, s, zh = svd(r_l @ r_r.mT)
+    return q_l @ p, s, zh @ q_r.mT
 
 
 def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -48,11 +77,16 @@ def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     null ones are arbitrary (LAPACK's choice), and this keeps the result deterministic.
 
     Returns:
-        The factor, and whether `matrix` has full column rank (only then are its columns orthonormal).
+        The factor, and whether `matrix` (every matrix of a batch) has full column rank (only then are its columns
+        orthonormal).
     """
     p, s, qh = svd(matrix)
-    k = numerical_rank(s, tuple(matrix.shape))
-    return p[:, :k] @ qh[:k], k == matrix.shape[1]
+    ranks = numerical_ranks(s, tuple(matrix.shape[-2:]))
+    if all(k == matrix.shape[-1] for k in ranks):
+        return p @ qh, True
+    # the null directions weigh nothing: P diag(1 for kept, 0 for null) Q^T = P_k Q_k^T
+    kept = torch.arange(s.shape[-1]) < torch.tensor(ranks).reshape(*s.shape[:-1], 1)
+    return (p * kept.to(p.dtype).unsqueeze(-2)) @ qh, False
 
 
 @dataclass(frozen=True)
@@ -60,12 +94,12 @@ class SingularTriplets:
     """A matrix `U diag(S) Vh` whose U has orthonormal columns and Vh orthonormal rows: its SVD, up to the
     order of S. A method that builds its result this way (TSV) spares the export an SVD of it."""
 
-    u: torch.Tensor  # (p, K)
-    s: torch.Tensor  # (K,), non-negative
-    vh: torch.Tensor  # (K, q)
+    u: torch.Tensor  # (..., p, K)
+    s: torch.Tensor  # (..., K), non-negative
+    vh: torch.Tensor  # (..., K, q)
 
     def dense(self) -> torch.Tensor:
-        return (self.u * self.s) @ self.vh
+        return (self.u * self.s.unsqueeze(-2)) @ self.vh
 
     def scaled(self, factor: float) -> "SingularTriplets":
         """`factor * self`, with S kept non-negative (a negative factor flips U)."""
@@ -73,29 +107,34 @@ class SingularTriplets:
 
     def descending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, S, Vh) ordered by decreasing singular value, as `svd` gives them."""
-        order = torch.argsort(self.s, descending=True)
-        return self.u[:, order], self.s[order], self.vh[order]
+        order = torch.argsort(self.s, dim=-1, descending=True)
+        return (self.u.take_along_dim(order.unsqueeze(-2), dim=-1), self.s.take_along_dim(order, dim=-1),
+                self.vh.take_along_dim(order.unsqueeze(-1), dim=-2))
 
 
 def gram(stack: torch.Tensor) -> torch.Tensor:
-    """`stack^T @ stack` (R x R) of a float64 stack.
+    """`stack^T @ stack` (R x R) of a float64 stack, or of each stack in a batch.
 
     numpy recognises the product of an array with its own transpose and calls BLAS syrk, which
     computes one triangle: half the work of torch's general product (the largest cost of a merge).
     """
     if stack.device.type != "cpu" or stack.requires_grad:
-        return stack.T @ stack
+        return stack.mT @ stack
     array = stack.numpy()
-    return torch.from_numpy(array.T @ array)
+    if array.ndim == 2:
+        return torch.from_numpy(array.T @ array)
+    return torch.from_numpy(numpy.stack([each.T @ each for each in array.reshape(-1, *array.shape[-2:])])
+                            ).reshape(*array.shape[:-2], array.shape[-1], array.shape[-1])
 
 
 def squared_norms(matrix: torch.Tensor, dim: int) -> numpy.ndarray:
-    """Sum of squares along `dim` of a float64 CPU matrix: the squared norms of its columns (dim 0) or rows (1).
+    """Sum of squares along `dim` of a float64 CPU matrix (or batch of matrices): the squared norms of its columns
+    (dim -2) or rows (dim -1).
 
     numpy's einsum does it in one pass over the matrix; torch's column norms of a row-major matrix take 7x longer.
     """
     array = matrix.numpy()
-    return numpy.einsum("ij,ij->j" if dim == 0 else "ij,ij->i", array, array)
+    return numpy.einsum("...ij,...ij->...j" if dim == -2 else "...ij,...ij->...i", array, array)
 
 
 GRAM_MAX_CONDITION = 1e4  # beyond it the Gram route loses accuracy (error ~ condition^2 * eps)
@@ -105,8 +144,8 @@ GRAM_MAX_CONDITION = 1e4  # beyond it the Gram route loses accuracy (error ~ con
 class Basis:
     """Orthonormal columns `U = factor @ mix`, kept implicit so that no m x K product is formed early."""
 
-    factor: torch.Tensor  # (m, R)
-    mix: torch.Tensor  # (R, K)
+    factor: torch.Tensor  # (..., m, R)
+    mix: torch.Tensor  # (..., R, K)
 
     def apply(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """`U @ x` for a small x (K, k), at the cost of one (m, R) x (R, k) product in `dtype`."""
@@ -117,7 +156,7 @@ class Basis:
         return Basis(self.factor, self.mix @ mix)
 
     def dense(self) -> torch.Tensor:
-        return self.apply(torch.eye(self.mix.shape[1], dtype=self.mix.dtype, device=self.mix.device))
+        return self.apply(torch.eye(self.mix.shape[-1], dtype=self.mix.dtype, device=self.mix.device))
 
 
 def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
@@ -128,21 +167,24 @@ def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     Rank-deficient or ill-conditioned stacks use a reduced QR, `stack = Q Rf`, `Rf = P S Z^T`:
     `U = Q @ P` and `U^T stack = P^T Rf`.
 
+    A batch of stacks takes the Gram route only if every stack in it is well-conditioned.
+
     Returns:
         basis: U, (m, min(m, R)), ordered by decreasing singular value.
         coordinates: (min(m, R), R).
     """
     stack = float64(stack)
-    m, r = stack.shape
+    m, r = stack.shape[-2:]
     if r <= m:
         eigenvalues, w = torch.linalg.eigh(gram(stack))  # ascending
-        smallest, largest = (math.sqrt(max(value, 0.0)) for value in eigenvalues[[0, -1]].tolist())
-        if smallest * GRAM_MAX_CONDITION > largest:
-            s, w = eigenvalues.flip(0).clamp(min=0).sqrt(), w.flip(1)
-            return Basis(stack, w / s), s[:, None] * w.T
+        ends = eigenvalues[..., [0, -1]].reshape(-1, 2).tolist()
+        if all(math.sqrt(max(smallest, 0.0)) * GRAM_MAX_CONDITION > math.sqrt(max(largest, 0.0))
+               for smallest, largest in ends):
+            s, w = eigenvalues.flip(-1).clamp(min=0).sqrt(), w.flip(-1)
+            return Basis(stack, w / s.unsqueeze(-2)), s.unsqueeze(-1) * w.mT
     q, rf = torch.linalg.qr(stack)  # (m, K), (K, R)
     p, _, _ = torch.linalg.svd(rf, full_matrices=False)  # (K, K)
-    return Basis(q, p), p.T @ rf
+    return Basis(q, p), p.mT @ rf
 
 
 def low_rank_approximation(matrix: torch.Tensor, rank: int) -> torch.Tensor:

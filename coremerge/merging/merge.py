@@ -1,9 +1,9 @@
-"""Merge loaded adapters module by module, reading each module's factors only when it is merged."""
+"""Merge loaded adapters module by module (same-shaped small modules in batches), reading each module's factors only
+when it is merged."""
 
 import math
 import time
 import zlib
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -15,11 +15,12 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import CoreMergeError
 from ..formats.adapter import Adapter, MergedModule, TaskFactors, TaskStacks, TensorReader
-from .linalg import squared_norms
+from .linalg import NotUniform, squared_norms
 from .options import MergeOptions
-from .spaces import check_finite_scale, merge_module, to_lora
+from .spaces import check_finite_scale, merge_batch, merge_module, to_lora, to_loras
 
 BYTES_PER_READ = 64 * 2**20  # files are reopened after this much so that their memory maps do not pile up
+BATCH_BYTES = 16 * 2**20  # float64 factors of the same-shaped modules merged together (core space on the CPU)
 WORKERS = 2  # modules merged at once (torch releases the GIL)
 
 
@@ -96,30 +97,65 @@ def read_chunks(adapters: Sequence[Adapter], names: Sequence[str],
         yield chunk
 
 
-def read_stacked(adapters: Sequence[Adapter], readers: Sequence[TensorReader], users: Sequence[int], name: str,
-                 weights: Sequence[float]) -> tuple[list[TaskFactors], TaskStacks]:
-    """The module's factors of each adapter that targets it (`users`), read into one A stack and one B stack.
+def module_batches(adapters: Sequence[Adapter], names: Sequence[str], limit: Optional[int] = None) -> list[list[str]]:
+    """`names` in batches of same-shaped modules (the same adapters target them, with the same ranks and shapes)
+    whose float64 factors take at most `limit` (BATCH_BYTES) bytes, one module at least; the batches in the order
+    of their first module. Merged together, a batch's small modules cost one call per step instead of one each.
+    """
+    limit = BATCH_BYTES if limit is None else limit
+    batches: list[list[str]] = []
+    last_batch: dict[tuple, tuple[list[str], int]] = {}  # signature -> its latest batch and that batch's bytes
+    for name in names:
+        specs = [(i, adapter.modules[name]) for i, adapter in enumerate(adapters) if name in adapter.modules]
+        signature = tuple((i, spec.rank, spec.shape) for i, spec in specs)
+        size = sum(spec.rank * sum(spec.shape) for _, spec in specs) * 8
+        batch, used = last_batch.get(signature, (None, 0))
+        if batch is None or used + size > limit:
+            batch, used = [], 0
+            batches.append(batch)
+        batch.append(name)
+        last_batch[signature] = (batch, used + size)
+    return batches
+
+
+def read_batch(adapters: Sequence[Adapter], readers: Sequence[TensorReader], users: Sequence[int],
+               names: Sequence[str], weights: Sequence[float]) -> tuple[list[list[TaskFactors]], TaskStacks]:
+    """The factors of same-shaped modules (`names`, each targeted by the adapters `users`), read into one A stack
+    (G, R, n) and one B stack (G, m, R) with a leading module dimension; per module, its tasks (views of them).
 
     The stored factors are concatenated first and upcast in one pass (exact), then B~ = s B is scaled column by
     column; each task's norm bound comes from the squared norms of the stacks' rows (A) and columns (B).
+
+    Raises:
+        AdapterFormatError: a factor with NaN or Inf entries (the first such module of the batch).
     """
-    stored = [adapters[i].read_stored(readers[i], name) for i in users]
-    a_stack = torch.cat([a for a, _, _ in stored]).to(torch.float64)  # (R, n)
-    scalings = torch.tensor([scaling for _, b, scaling in stored for _ in range(b.shape[1])], dtype=torch.float64)
-    b_stack = torch.cat([b for _, b, _ in stored], dim=1).to(torch.float64).mul_(scalings)  # (m, R)
+    stored = [[adapters[i].read_stored(readers[i], name) for i in users] for name in names]
+    a_stack = _stacked_concatenations([[a for a, _, _ in module] for module in stored], dim=0).to(torch.float64)
+    b_stack = _stacked_concatenations([[b for _, b, _ in module] for module in stored], dim=1).to(torch.float64)
+    scalings = [[scaling for _, b, scaling in module for _ in range(b.shape[1])] for module in stored]
+    b_stack.mul_(torch.tensor(scalings, dtype=torch.float64).unsqueeze(-2))
     # per task ||B~_t||_F^2 and ||A~_t||_F^2: sums of the stacks' squared column / row norms over its rank block
-    starts = numpy.cumsum([0] + [a.shape[0] for a, _, _ in stored[:-1]])
-    a_squares = numpy.add.reduceat(squared_norms(a_stack, dim=1), starts)
-    b_squares = numpy.add.reduceat(squared_norms(b_stack, dim=0), starts)
-    tasks, start = [], 0
-    for i, (a, _, _), a_square, b_square in zip(users, stored, a_squares, b_squares):
-        stop = start + a.shape[0]
-        bound = math.sqrt(b_square) * math.sqrt(a_square)
-        adapters[i].check_finite(readers[i], name, bound)
-        tasks.append(TaskFactors(a=a_stack[start:stop], b=b_stack[:, start:stop], weight=weights[i],
-                                 source=adapters[i].source, known_bound=bound))
-        start = stop
+    starts = numpy.cumsum([0] + [a.shape[0] for a, _, _ in stored[0][:-1]])
+    a_squares = numpy.add.reduceat(squared_norms(a_stack, dim=-1), starts, axis=-1)  # (G, T)
+    b_squares = numpy.add.reduceat(squared_norms(b_stack, dim=-2), starts, axis=-1)
+    tasks = []
+    for g, name in enumerate(names):
+        module_tasks, start = [], 0
+        for i, (a, _, _), a_square, b_square in zip(users, stored[g], a_squares[g], b_squares[g]):
+            stop = start + a.shape[0]
+            bound = math.sqrt(b_square) * math.sqrt(a_square)
+            adapters[i].check_finite(readers[i], name, bound)
+            module_tasks.append(TaskFactors(a=a_stack[g, start:stop], b=b_stack[g, :, start:stop], weight=weights[i],
+                                            source=adapters[i].source, known_bound=bound))
+            start = stop
+        tasks.append(module_tasks)
     return tasks, TaskStacks(a=a_stack, b=b_stack)
+
+
+def _stacked_concatenations(pieces: Sequence[Sequence[torch.Tensor]], dim: int) -> torch.Tensor:
+    """Each module's pieces concatenated along `dim`, stacked on a new first dimension (one module: no copy more)."""
+    concatenations = [torch.cat(list(module), dim=dim) for module in pieces]
+    return concatenations[0].unsqueeze(0) if len(concatenations) == 1 else torch.stack(concatenations)
 
 
 def merge_adapters(
@@ -134,10 +170,12 @@ def merge_adapters(
 ) -> Iterator[MergedModule]:
     """Merge module by module; a module counts only the adapters that target it (SPEC 1).
 
-    `workers` threads each read a module's factors and merge it (torch releases the GIL, and the many
-    small SVDs use one core each); the calling thread only collects the results in order. Reading in the
-    workers, not in a thread of its own, keeps to one Python thread per core: with a third thread, sets of
-    many small modules (SDXL's thousand) spent their time handing the interpreter lock around.
+    `workers` threads each read a batch of same-shaped modules (`module_batches`; in core space on the CPU,
+    else one module) and merge it (torch releases the GIL, and the many small SVDs use one core each); the
+    calling thread only collects the results in order. Reading in the workers, not in a thread of its own,
+    keeps to one Python thread per core, and batches keep the number of torch calls down: sets of many small
+    modules (SDXL's thousand) otherwise spent their time in per-call overhead, handing the interpreter lock
+    around.
 
     `factor_dtype` is the precision of the final products that give the written factors. `device` is where
     the spaces and methods compute ("cuda" makes the full-space and KnOTS baselines practical); still in
@@ -154,47 +192,64 @@ def merge_adapters(
     seed = int(options.params.get("seed", 0))
     started, consumer, loaded_before = time.perf_counter(), 0.0, timings.loading
 
-    def merge_one(name: str, users: list[int], tasks: list, stacks: Optional[TaskStacks]) -> MergedModule:
-        check_finite_scale(name, tasks, options.alpha)
+    def merge_one(name: str, tasks: list, stacks: Optional[TaskStacks]) -> tuple[torch.Tensor, torch.Tensor]:
         if device != "cpu":
             tasks, stacks = [replace(task, a=task.a.to(device), b=task.b.to(device)) for task in tasks], None
         try:
             update = merge_module(tasks, options, module_generator(seed, name), stacks)
-            lora_b, lora_a = (factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
+            return tuple(factor.cpu() for factor in to_lora(update, options.rank, factor_dtype))
         except (torch.linalg.LinAlgError, RuntimeError) as error:  # e.g. an SVD that does not converge
             raise CoreMergeError(f"module {name}: the merge failed numerically ({str(error).splitlines()[0]})")
-        template = adapters[users[0]].modules[name]
-        module = MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
-        return module if export is None else replace(module, exported=export(module))
+
+    def merge_together(names: list[str], tasks: list, stacks: TaskStacks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The modules' LoRA factors, merged as one batch; module by module if the batch cannot stay one (their
+        shapes part on the way) or fails (so that the error names its module)."""
+        if len(names) > 1:
+            try:
+                update = merge_batch(tasks, options, [module_generator(seed, name) for name in names], stacks)
+                return to_loras(update, options.rank, factor_dtype)
+            except (NotUniform, torch.linalg.LinAlgError, RuntimeError):
+                pass
+        return [merge_one(name, module_tasks, TaskStacks(a=stacks.a[g], b=stacks.b[g]))
+                for g, (name, module_tasks) in enumerate(zip(names, tasks))]
 
     workers = max(1, min(workers, len(names)))
+    batch_limit = BATCH_BYTES if options.space == "core" and device == "cpu" else 0  # else one module at a time
 
-    reading_seconds: list[float] = []  # per module, appended by the workers
+    reading_seconds: list[float] = []  # per batch, appended by the workers
 
-    def read_and_merge(readers: Sequence[TensorReader], name: str) -> MergedModule:
+    def read_and_merge(readers: Sequence[TensorReader], batch: list[str]) -> list[MergedModule]:
         clock = time.perf_counter()
-        users = [i for i, adapter in enumerate(adapters) if name in adapter.modules]
-        tasks, stacks = read_stacked(adapters, readers, users, name, weights)
+        users = [i for i, adapter in enumerate(adapters) if batch[0] in adapter.modules]
+        tasks, stacks = read_batch(adapters, readers, users, batch, weights)
         reading_seconds.append(time.perf_counter() - clock)
-        return merge_one(name, users, tasks, stacks)
+        for name, module_tasks in zip(batch, tasks):
+            check_finite_scale(name, module_tasks, options.alpha)
+        merged = []
+        for name, (lora_b, lora_a) in zip(batch, merge_together(batch, tasks, stacks)):
+            template = adapters[users[0]].modules[name]
+            module = MergedModule(name, template, lora_a, lora_b, {i: adapters[i].modules[name].rank for i in users})
+            merged.append(module if export is None else replace(module, exported=export(module)))
+        return merged
 
     def in_order() -> Iterator[MergedModule]:
-        pending: deque = deque()
         with torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
             for chunk in read_chunks(adapters, names):
                 with ExitStack() as stack:  # the chunk's files stay open until its modules are merged
                     readers = [stack.enter_context(adapter.open()) for adapter in adapters]
+                    batches = module_batches(adapters, chunk, batch_limit)
+                    futures = [pool.submit(read_and_merge, readers, batch) for batch in batches]
                     try:
-                        for name in chunk:
-                            pending.append(pool.submit(read_and_merge, readers, name))
-                            if len(pending) > workers:
-                                yield pending.popleft().result()
-                        while pending:
-                            yield pending.popleft().result()
+                        batch_of = {name: future for batch, future in zip(batches, futures) for name in batch}
+                        finished: dict[str, MergedModule] = {}
+                        for name in chunk:  # in name order, as their batches finish
+                            if name not in finished:
+                                finished.update((module.name, module) for module in batch_of[name].result())
+                            yield finished.pop(name)
                     finally:  # on a failure, no worker may still be reading when the files close
-                        for future in pending:
+                        for future in futures:
                             future.cancel()
-                        wait(pending)
+                        wait(futures)
         timings.loading += sum(reading_seconds) / workers  # the workers read side by side
 
     for done, module in enumerate(in_order(), start=1):

@@ -6,7 +6,8 @@ randomness declares a `ranks` or `generator` keyword; the caller passes them onl
 may also declare `factors`: per task `(L_t, R_t)` with `X_t = L_t @ R_t^T` when the space knows them
 (core space), else None; it must give the same result either way, only faster with them. A method whose
 result is built as an SVD may register a `triplets` variant that returns it as `SingularTriplets`, which
-spares the export an SVD (TSV).
+spares the export an SVD (TSV). A method registered as `batched` also takes a batch: items of shape
+(G, p, q), one slice per module, merged each on its own; the others are called module by module.
 """
 
 import functools
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import CoreMergeError
 from .linalg import (SingularTriplets, factored_svd, isotropic_flatten, low_rank_approximation, numerical_rank,
-                     polar_factor, svd)
+                     numerical_ranks, polar_factor, svd, uniform)
 
 Matrices = Sequence[torch.Tensor]
 Factors = Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]]
@@ -71,10 +72,13 @@ def truncated_triplets(matrix: torch.Tensor, limit: int,
     """Top `min(limit, numerical rank)` singular triplets of `matrix`: (U_k, S_k, Vh_k).
 
     With `factors` (L, R), `matrix = L @ R^T`, the SVD comes from them (cost (p + q) r^2, not p q min(p, q)).
+
+    Raises:
+        NotUniform: the matrices of a batch keep different numbers of triplets.
     """
     u, s, vh = svd(matrix) if factors is None else factored_svd(*factors)
-    k = min(limit, numerical_rank(s, tuple(matrix.shape)))
-    return u[:, :k], s[:k], vh[:k]
+    k = uniform([min(limit, rank) for rank in numerical_ranks(s, tuple(matrix.shape[-2:]))])
+    return u[..., :k], s[..., :k], vh[..., :k, :]
 
 
 def orthogonalized_sum(us: Matrices, ss: Matrices,
@@ -84,9 +88,9 @@ def orthogonalized_sum(us: Matrices, ss: Matrices,
     `orthonormal`: both concatenations had full rank, so U_perp and Vh_perp are orthonormal (and the triplets
     are an SVD of the result, up to order); otherwise their null directions were dropped.
     """
-    u, u_full_rank = polar_factor(torch.cat(list(us), dim=1))  # (m, K)
-    v, v_full_rank = polar_factor(torch.cat(list(vhs), dim=0).T)  # (n, K)
-    return u, torch.cat(list(ss)), v.T, u_full_rank and v_full_rank
+    u, u_full_rank = polar_factor(torch.cat(list(us), dim=-1))  # (m, K)
+    v, v_full_rank = polar_factor(torch.cat(list(vhs), dim=-2).mT)  # (n, K)
+    return u, torch.cat(list(ss), dim=-1), v.mT, u_full_rank and v_full_rank
 
 
 # ---------------------------------------------------------------- methods
@@ -171,17 +175,18 @@ def tsv_triplets(items: Matrices, ranks: Sequence[int],
                  factors: Factors = None) -> Union[SingularTriplets, torch.Tensor]:
     """TSV-Merge as `SingularTriplets` (U_perp, S, V_perp^T) when the polar factors are orthonormal, else
     (a rank-deficient concatenation, or no triplet at all) as the matrix `tsv` returns."""
-    d = min(items[0].shape)
+    d = min(items[0].shape[-2:])
     total_rank = sum(ranks)
     # Per task: keep the top k_t = min(numerical rank, floor(D * r_t / R)) triplets
     triplets = [truncated_triplets(x, math.floor(d * r / total_rank), f)
                 for x, r, f in zip(items, ranks, factors or [None] * len(items))]
     us, ss, vhs = zip(*triplets)
-    if sum(s.numel() for s in ss) == 0:
+    if sum(s.shape[-1] for s in ss) == 0:
         return torch.zeros_like(items[0])
     # Concatenate and decorrelate with the polar factors
     u, s, vh, orthonormal = orthogonalized_sum(us, ss, vhs)
-    return SingularTriplets(u, s, vh) if orthonormal else (u * s) @ vh
+    triplets = SingularTriplets(u, s, vh)
+    return triplets if orthonormal else triplets.dense()
 
 
 def iso_c(items: Matrices) -> torch.Tensor:
@@ -284,6 +289,7 @@ class Method:
     changes_single: bool = False  # whether one task alone comes out changed (trimmed, dropped or flattened)
     # the same merge returning `SingularTriplets` when its result is built as an SVD (else the matrix)
     triplets: Optional[Callable[..., Union[SingularTriplets, torch.Tensor]]] = None
+    batched: bool = False  # whether `function` (and `triplets`) take a batch of modules (leading dimension)
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.parameters}
@@ -317,7 +323,7 @@ def register(method: Method) -> Method:
 
 
 register(Method("ta", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
-                "Sum of the task updates.", task_arithmetic))
+                "Sum of the task updates.", task_arithmetic, batched=True))
 register(Method("ties", "TIES", "https://arxiv.org/abs/2306.01708",
                 "Trim small entries, elect a sign per entry, average the agreeing tasks.", ties,
                 (_density(0.2, "fraction of entries each task keeps"),), changes_single=True))
@@ -328,7 +334,8 @@ register(Method("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099",
                 "DARE's random drop, then TIES's sign election and disjoint mean.", dare_ties,
                 (_density(0.9, "probability of keeping each entry"), SEED), changes_single=True))
 register(Method("tsv", "TSV-Merge", "https://arxiv.org/abs/2412.00081",
-                "Each task's top singular directions, decorrelated (polar factors).", tsv, triplets=tsv_triplets))
+                "Each task's top singular directions, decorrelated (polar factors).", tsv, triplets=tsv_triplets,
+                batched=True))
 register(Method("iso_c", "Iso-C", "https://arxiv.org/abs/2502.04959",
                 "Task sum with a flat (isotropic) spectrum.", iso_c, changes_single=True))
 register(Method("iso_cts", "Iso-CTS", "https://arxiv.org/abs/2502.04959",
