@@ -238,18 +238,18 @@ def merge_adapters(
                 with ExitStack() as stack:  # the chunk's files stay open until its modules are merged
                     readers = [stack.enter_context(adapter.open()) for adapter in adapters]
                     batches = module_batches(adapters, chunk, batch_limit)
-                    futures = [pool.submit(read_and_merge, readers, batch) for batch in batches]
+                    batch_of = {name: j for j, batch in enumerate(batches) for name in batch}
+                    futures = {j: pool.submit(read_and_merge, readers, batch) for j, batch in enumerate(batches)}
                     try:
-                        batch_of = {name: future for batch, future in zip(batches, futures) for name in batch}
                         finished: dict[str, MergedModule] = {}
-                        for name in chunk:  # in name order, as their batches finish
+                        for name in chunk:  # in name order, as their batches finish (a result is let go once taken)
                             if name not in finished:
-                                finished.update((module.name, module) for module in batch_of[name].result())
+                                finished.update((module.name, module) for module in futures.pop(batch_of[name]).result())
                             yield finished.pop(name)
                     finally:  # on a failure, no worker may still be reading when the files close
-                        for future in futures:
+                        for future in futures.values():
                             future.cancel()
-                        wait(futures)
+                        wait(futures.values())
         timings.loading += sum(reading_seconds) / workers  # the workers read side by side
 
     for done, module in enumerate(in_order(), start=1):
