@@ -176,3 +176,11 @@ def test_a_non_finite_factor_in_a_batch_names_its_tensor(four_layers, tmp_path):
     with pytest.raises(AdapterFormatError) as caught:
         list(merge_adapters(loaded, MergeOptions.create(method="tsv")))
     assert str(caught.value) == f"{folder}: tensor {key} contains NaN or Inf values"
+
+
+def test_a_method_with_randomness_cannot_be_registered_as_batched():
+    from coremerge.merging.methods import Method, register
+
+    with pytest.raises(ValueError, match="method dare_batched: a batched method cannot give each module"):
+        register(Method("dare_batched", "DARE", "", "", METHODS["dare"].function, batched=True))
+    assert "dare_batched" not in METHODS

@@ -289,7 +289,9 @@ class Method:
     changes_single: bool = False  # whether one task alone comes out changed (trimmed, dropped or flattened)
     # the same merge returning `SingularTriplets` when its result is built as an SVD (else the matrix)
     triplets: Optional[Callable[..., Union[SingularTriplets, torch.Tensor]]] = None
-    batched: bool = False  # whether `function` (and `triplets`) take a batch of modules (leading dimension)
+    # whether `function` (and `triplets`) take a batch of modules (leading dimension); only for methods without
+    # randomness: a batch shares one call, so it could not give each module its own generator
+    batched: bool = False
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.parameters}
@@ -318,6 +320,8 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    if method.batched and "generator" in keywords_of(method.function):
+        raise ValueError(f"method {method.name}: a batched method cannot give each module of a batch its generator")
     METHODS[method.name] = method
     return method
 
