@@ -148,3 +148,20 @@ def test_numerical_ranks_of_a_batch_and_their_uniform_value():
     assert uniform([4, 4, 4]) == 4
     with pytest.raises(NotUniform):
         uniform([4, 3, 4])
+
+
+@pytest.mark.parametrize("condition, gram_route", [(1.0, True), (5.0, True), (9.5, True), (11.0, False), (1e6, False)])
+def test_polar_factor_takes_the_gram_route_only_when_well_conditioned_and_equals_the_svd_one(
+        condition, gram_route, monkeypatch):
+    from coremerge.merging import linalg
+
+    svd_calls = []
+    monkeypatch.setattr(linalg, "svd", lambda matrix: svd_calls.append(matrix) or torch.linalg.svd(
+        matrix, full_matrices=False))
+    matrix = stack_with_condition(condition, m=40, r=12)
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    for candidate in (matrix, torch.stack([matrix, stack_with_condition(2.0, m=40, r=12)])):
+        svd_calls.clear()
+        factor, full_rank = polar_factor(candidate)
+        assert full_rank and bool(svd_calls) != gram_route  # a batch takes the Gram route only if all may
+        torch.testing.assert_close(factor if candidate.dim() == 2 else factor[0], p @ qh, atol=1e-14, rtol=0)
