@@ -89,8 +89,7 @@ def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     matrix = float64(matrix)
     if matrix.shape[-2] >= matrix.shape[-1] > 0:
         eigenvalues, w = torch.linalg.eigh(gram(matrix))  # ascending
-        ends = eigenvalues[..., [0, -1]].reshape(-1, 2).tolist()
-        if all(smallest > 0 and smallest * POLAR_GRAM_MAX_CONDITION**2 > largest for smallest, largest in ends):
+        if conditioned_below(eigenvalues, POLAR_GRAM_MAX_CONDITION):
             return (matrix @ w) * eigenvalues.rsqrt().unsqueeze(-2) @ w.mT, True
     p, s, qh = svd(matrix)
     ranks = numerical_ranks(s, tuple(matrix.shape[-2:]))
@@ -122,6 +121,13 @@ class SingularTriplets:
         order = torch.argsort(self.s, dim=-1, descending=True)
         return (self.u.take_along_dim(order.unsqueeze(-2), dim=-1), self.s.take_along_dim(order, dim=-1),
                 self.vh.take_along_dim(order.unsqueeze(-1), dim=-2))
+
+
+def conditioned_below(gram_eigenvalues: torch.Tensor, limit: float) -> bool:
+    """Whether every matrix of a batch (or the one matrix) has full column rank and a condition number below
+    `limit`, from the ascending eigenvalues of its Gram matrix (the squares of its singular values)."""
+    ends = gram_eigenvalues[..., [0, -1]].reshape(-1, 2).tolist()
+    return all(smallest > 0 and smallest * limit**2 > largest for smallest, largest in ends)
 
 
 def gram(stack: torch.Tensor) -> torch.Tensor:
@@ -189,9 +195,7 @@ def left_singular_basis(stack: torch.Tensor) -> tuple[Basis, torch.Tensor]:
     m, r = stack.shape[-2:]
     if r <= m:
         eigenvalues, w = torch.linalg.eigh(gram(stack))  # ascending
-        ends = eigenvalues[..., [0, -1]].reshape(-1, 2).tolist()
-        if all(math.sqrt(max(smallest, 0.0)) * GRAM_MAX_CONDITION > math.sqrt(max(largest, 0.0))
-               for smallest, largest in ends):
+        if conditioned_below(eigenvalues, GRAM_MAX_CONDITION):
             s, w = eigenvalues.flip(-1).clamp(min=0).sqrt(), w.flip(-1)
             return Basis(stack, w / s.unsqueeze(-2)), s.unsqueeze(-1) * w.mT
     q, rf = torch.linalg.qr(stack)  # (m, K), (K, R)
