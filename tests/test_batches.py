@@ -49,7 +49,7 @@ def four_layers(tmp_path_factory):
     def degrade(tensors):
         prefix = "base_model.model.model.layers"
         b = tensors[f"{prefix}.2.self_attn.q_proj.lora_B.weight"]
-        b[:, 1] = b[:, 0]  # two equal columns: B A has rank 3 of 4
+        b[:, 1] = b[:, 0]  # two equal columns: B A has rank 7 of 8
         tensors[f"{prefix}.3.self_attn.v_proj.lora_B.weight"][:, 0] *= 1e-6  # condition ~1e6: no Gram route
 
     edit_tensors(folders[1], degrade)
