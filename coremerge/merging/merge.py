@@ -244,7 +244,8 @@ def merge_adapters(
                         finished: dict[str, MergedModule] = {}
                         for name in chunk:  # in name order, as their batches finish (a result is let go once taken)
                             if name not in finished:
-                                finished.update((module.name, module) for module in futures.pop(batch_of[name]).result())
+                                batch_result = futures.pop(batch_of[name]).result()
+                                finished.update((module.name, module) for module in batch_result)
                             yield finished.pop(name)
                     finally:  # on a failure, no worker may still be reading when the files close
                         for future in futures.values():
